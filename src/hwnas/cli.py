@@ -1,0 +1,222 @@
+"""The ``search`` (alias ``hwnas``) command line: run, show, export, eval, bench.
+
+Bad input ends with one line on stderr and a non-zero exit (2; 3 for an impossible budget;
+130 when interrupted), never a traceback. ``HWNAS_DEBUG=1`` shows tracebacks of internal errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from hwnas.errors import HwnasError
+
+BENCHES = ("tokens",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="search", description="Hardware-aware compression search for ViTs.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="search a space; write a study directory")
+    run.add_argument("space", nargs="?", help="space YAML file or preset name (default: the embedded digits DeiT)")
+    run.add_argument("--budget", help="hard limits, e.g. latency=5ms,energy=20mJ,accuracy_drop=1%%")
+    run.add_argument("--objectives", help="metrics to optimise (default accuracy,latency)")
+    run.add_argument("--optimizer", help="nsga2 (pymoo, default) | optuna-nsga2 | optuna-tpe | random")
+    run.add_argument("--trials", type=int, help="finished trials the study should hold (default 24)")
+    run.add_argument("--population", type=int, help="population size of the evolutionary optimizers")
+    run.add_argument("--workers", type=int, help="Ray evaluator actors (default 1; 0 evaluates in-process)")
+    run.add_argument("--ray-address", help="join an existing Ray cluster instead of starting a local one")
+    run.add_argument("--device", help="cpu (default) or cuda[:i]")
+    run.add_argument("--out", help="new study directory (default runs/study-TIMESTAMP)")
+    run.add_argument("--resume", metavar="DIR", help="continue the study in DIR to its trial count")
+    run.add_argument("--seed", type=int, help="random seed (default 0)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    show = commands.add_parser("show", help="print the Pareto front of a study")
+    show.add_argument("dir")
+
+    export = commands.add_parser("export", help="export one point of a study as a deployable model")
+    export.add_argument("dir")
+    which = export.add_mutually_exclusive_group()
+    which.add_argument("--trial", type=int, help="trial number")
+    which.add_argument("--pick", help="best front point by latency (default) | accuracy | energy | fidelity")
+    export.add_argument("-o", "--output", required=True, help="output directory")
+
+    evaluate = commands.add_parser("eval", help="re-measure an exported model")
+    evaluate.add_argument("dir")
+    evaluate.add_argument("--data", help="default, or an ImageFolder directory")
+    evaluate.add_argument("--labels", default="none", help="for --data DIR: none | folder | imagenet")
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--energy", action="store_true", help="also measure energy (NVML or RAPL)")
+
+    bench = commands.add_parser("bench", help="run a benchmark; write its JSON")
+    bench.add_argument("name", choices=BENCHES)
+    bench.add_argument("--json", required=True, help="output file")
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--quick", action="store_true", help="fewer cases and repeats (smoke run)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console(stderr=True)
+    try:
+        return COMMANDS[args.command](args)
+    except HwnasError as exc:
+        console.print(f"search: error: {exc}", markup=False, highlight=False)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        console.print("search: interrupted")
+        return 130
+    except Exception as exc:  # an internal error: one line unless debugging
+        if os.environ.get("HWNAS_DEBUG"):
+            raise
+        console.print(f"search: internal error: {type(exc).__name__}: {exc} (set HWNAS_DEBUG=1 for the traceback)",
+                      markup=False, highlight=False)
+        return 1
+
+
+# ---- commands ---------------------------------------------------------------------------------
+_FIXED_ON_RESUME = ("space", "budget", "objectives", "optimizer", "population", "seed")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from hwnas.evaluators.pool import make_pool
+    from hwnas.search.report import front_table
+    from hwnas.search.runner import SearchRun
+    from hwnas.search.study import RunSettings, StudyDir, read_pareto
+    from hwnas.spaces import load_space
+
+    if args.resume:
+        fixed = [name for name in _FIXED_ON_RESUME if getattr(args, name) is not None]
+        if fixed:
+            raise HwnasError(f"--resume continues a study as it was defined; drop --{fixed[0].replace('_', '-')}")
+        if args.out:
+            raise HwnasError("--resume and --out are exclusive: a resumed study stays in its directory")
+        study_dir = StudyDir.open(args.resume)
+        for name in ("trials", "workers", "ray_address", "device"):
+            if getattr(args, name) is not None:
+                setattr(study_dir.settings, name, getattr(args, name))
+        study_dir.save_settings()
+    else:
+        space = load_space(args.space)
+        settings = RunSettings(**{k: getattr(args, k) for k in (
+            "budget", "objectives", "optimizer", "trials", "population", "seed", "device", "workers", "ray_address")
+            if getattr(args, k) is not None})
+        _validate(space, settings)
+        out = args.out or f"runs/study-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+        study_dir = StudyDir.create(out, space, settings)
+
+    console = Console(stderr=True)
+    settings = study_dir.settings
+    console.print(study_dir.space.describe(), markup=False, highlight=False)
+    console.print(f"study {study_dir.path}: {settings.optimizer}, {settings.trials} trials, "
+                  f"objectives {settings.objectives}, budget {study_dir.budget.describe()}", markup=False)
+    _prepare_model(study_dir.space)
+    energy = any(o.metric == "energy_mj" for o in study_dir.objectives) or "energy_mj" in study_dir.budget.limits
+    pool = make_pool(study_dir.space.source, settings.workers, settings.device, settings.ray_address, energy)
+    try:
+        summary = SearchRun(study_dir, pool, console, progress=not args.no_progress).run()
+    finally:
+        pool.close()
+    Console().print(front_table(read_pareto(study_dir.path)))
+    console.print(f"hypervolume {summary.hypervolume:.4f} · {len(summary.front)} Pareto point(s) · "
+                  f"{study_dir.path}/pareto.json · {study_dir.path}/report.md", markup=False)
+    console.print(f"export one: search export {study_dir.path} --pick latency -o OUT", markup=False)
+    return 0
+
+
+def _validate(space, settings) -> None:
+    """Fail fast, before any model is trained or Ray started, on settings that cannot work."""
+    from hwnas.models.registry import build_arch
+    from hwnas.pruning.apply import apply_config
+    from hwnas.search.optimizers import OPTIMIZERS
+
+    settings.parsed_objectives()
+    settings.parsed_budget()
+    if settings.optimizer not in OPTIMIZERS:
+        raise HwnasError(f"unknown optimizer '{settings.optimizer}' (known: {', '.join(OPTIMIZERS)})")
+    if settings.trials < 1:
+        raise HwnasError("--trials must be at least 1")
+    if settings.workers < 0:
+        raise HwnasError("--workers must be 0 (in-process) or more")
+    arch = build_arch(space.model)
+    # every transform binds to this architecture: targets exist, values are in range
+    low, high = space.bounds()
+    for vector in (low, high):
+        apply_config(arch, space, space.decode(vector))
+
+
+def _prepare_model(space) -> None:
+    """Train (or find in the cache) a built-in model here, with a progress bar, before workers load it."""
+    from hwnas.models.registry import is_builtin, load_model
+
+    if is_builtin(space.model["name"]) and not space.model.get("checkpoint"):
+        load_model(space.model, progress=True)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from hwnas.search.report import front_table
+    from hwnas.search.study import read_pareto
+
+    document = read_pareto(args.dir)
+    console = Console()
+    console.print(front_table(document))
+    console.print(f"{document['trials']['complete']} trials, {document['trials']['feasible']} feasible; "
+                  f"budget {document['budget'] or 'none'}; hypervolume {document.get('hypervolume', 0):.4f}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from hwnas.export.exporter import export_model, read_manifest
+
+    out = export_model(args.dir, args.output, trial=args.trial, pick=args.pick)
+    manifest = read_manifest(out)
+    Console(stderr=True).print(f"exported trial {manifest['trial']} to {out}/model.safetensors + hwnas.json; "
+                               f"load it with hwnas.load('{out}')", markup=False)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from hwnas.export.remeasure import remeasure
+    from hwnas.search.objectives import format_metric
+
+    recorded, measured, info = remeasure(args.dir, args.data, args.labels, args.device, args.energy)
+    table = Table(title=f"{args.dir} · {info['device']} (batch {info['batch_size']}, {info['threads']} threads)",
+                  title_justify="left")
+    for column in ("metric", "recorded by the study", "measured now"):
+        table.add_column(column, justify="right")
+    for metric, value in measured.items():
+        if metric.endswith(("_min", "_max")):
+            continue
+        before = recorded.get(metric)
+        table.add_row(metric, "-" if before is None else format_metric(metric, before), format_metric(metric, value))
+    Console().print(table)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    from hwnas.bench.record import bench_record, write_record
+
+    module = importlib.import_module(f"hwnas.bench.{args.name}")
+    results = module.run(device=args.device, quick=args.quick)
+    path = write_record(bench_record(args.name, args.device, results), args.json)
+    Console().print(module.summary(results))
+    Console(stderr=True).print(f"wrote {len(results)} measurements to {path}", markup=False)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "show": cmd_show, "export": cmd_export, "eval": cmd_eval, "bench": cmd_bench}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Evaluation data: calibration images (fidelity, Hessians) and test images (accuracy).
+
+``data: {name: default}`` is the digits split of the built-in models. ``data: {imagefolder: DIR}``
+reads an ImageFolder with timm's dataset and the model's own preprocessing; ``labels`` says how
+folder names map to the model's classes: ``none`` (fidelity only), ``folder`` (sorted folder
+order) or ``imagenet`` (folder names are ImageNet wnids).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hwnas.errors import HwnasError
+from hwnas.models.digits import load_digits_splits
+from hwnas.models.registry import is_builtin
+
+LABEL_MODES = ("none", "folder", "imagenet")
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """Calibration images and test images (with labels when the data has them)."""
+
+    name: str
+    calib_x: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor | None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.test_x.shape[1:])
+
+
+def load_eval_data(data: dict, model_spec: dict, model: nn.Module) -> EvalData:
+    """Resolve a space's ``data:`` mapping for the given model."""
+    if "imagefolder" in data:
+        return load_imagefolder(data["imagefolder"], model, data.get("labels", "none"),
+                                float(data.get("calib_fraction", 0.5)))
+    name = data.get("name", "default")
+    if name != "default":
+        raise HwnasError(f"unknown data '{name}': use 'default' or {{imagefolder: DIR}}")
+    if not is_builtin(model_spec["name"]):
+        raise HwnasError(f"model '{model_spec['name']}' has no default data: give data: {{imagefolder: DIR}} "
+                         "(the default data is the digits set of the built-in models)")
+    splits = load_digits_splits(img_size=int(model.patch_embed.img_size[0]))
+    return EvalData("digits", splits.calib_x, splits.test_x, splits.test_y)
+
+
+def load_imagefolder(root: str | Path, model: nn.Module, labels: str = "none", calib_fraction: float = 0.5) -> EvalData:
+    """An ImageFolder, preprocessed as the model expects, split into calibration and test halves."""
+    from timm.data import ImageDataset, ImageNetInfo, create_transform, resolve_data_config
+
+    root = Path(root)
+    if not root.is_dir():
+        raise HwnasError(f"image folder {root} does not exist")
+    if labels not in LABEL_MODES:
+        raise HwnasError(f"data labels '{labels}' unknown (use one of {', '.join(LABEL_MODES)})")
+    transform = create_transform(**resolve_data_config({}, model=model))
+    try:
+        dataset = ImageDataset(str(root), transform=transform)
+    except Exception as exc:  # timm raises plain errors for empty or unreadable folders
+        raise HwnasError(f"image folder {root}: {exc}") from None
+    if len(dataset) < 2:
+        raise HwnasError(f"image folder {root} holds {len(dataset)} image(s); need at least 2")
+    images, targets = zip(*(dataset[i] for i in range(len(dataset))))
+    x = torch.stack(images)
+    y = None
+    if labels == "folder":
+        y = torch.tensor(targets)
+    elif labels == "imagenet":
+        info = ImageNetInfo()
+        index = {wnid: i for i, wnid in enumerate(info.label_names())}
+        folders = dataset.reader.class_to_idx
+        by_idx = {v: k for k, v in folders.items()}
+        unknown = [w for w in folders if w not in index]
+        if unknown:
+            raise HwnasError(f"image folder {root}: {unknown[0]} is not an ImageNet wnid (labels: imagenet)")
+        y = torch.tensor([index[by_idx[t]] for t in targets])
+    generator = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(x), generator=generator)
+    n_calib = max(1, min(len(x) - 1, round(calib_fraction * len(x))))
+    calib, test = order[:n_calib], order[n_calib:]
+    return EvalData(root.name, x[calib], x[test], None if y is None else y[test])

@@ -1,0 +1,78 @@
+"""Energy per inference from hardware counters: NVML on NVIDIA GPUs, RAPL on CPUs where readable.
+
+Both read a cumulative energy counter over a window of at least ``min_seconds`` of repeated
+inference and divide by the inferences run. Where neither counter exists, ``measure_energy``
+returns None: hwnas never presents a guess as a measurement.
+"""
+
+from __future__ import annotations
+
+import glob
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Energy:
+    """Energy of one call in millijoules, the counter it came from, and the window measured."""
+
+    mj_per_call: float
+    source: str  # "nvml" | "rapl"
+    calls: int
+    seconds: float
+
+
+def measure_energy(fn: Callable[[], object], device: torch.device | str, min_seconds: float = 1.0) -> Energy | None:
+    """Run ``fn`` repeatedly for at least ``min_seconds`` and read the device's energy counter around it."""
+    device = torch.device(device)
+    counter = _nvml_counter(device) if device.type == "cuda" else _rapl_counter()
+    if counter is None:
+        return None
+    read, source = counter
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    with torch.inference_mode():
+        fn()
+        sync()
+        start_mj, start = read(), time.perf_counter()
+        calls = 0
+        while time.perf_counter() - start < min_seconds:
+            fn()
+            calls += 1
+            if calls % 10 == 0:
+                sync()
+        sync()
+        seconds = time.perf_counter() - start
+        used_mj = read() - start_mj
+    return Energy(used_mj / calls, source, calls, seconds)
+
+
+def _nvml_counter(device: torch.device):
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)  # raises where unsupported
+    except Exception:
+        return None
+    return (lambda: float(pynvml.nvmlDeviceGetTotalEnergyConsumption(handle))), "nvml"
+
+
+def _rapl_counter():
+    """Sum of the package-level RAPL counters (microjoules), if readable."""
+    files = sorted(glob.glob("/sys/class/powercap/intel-rapl:[0-9]*/energy_uj"))
+    try:
+        for path in files:
+            open(path).read()
+    except OSError:
+        return None
+    if not files:
+        return None
+
+    def read() -> float:
+        return sum(int(open(path).read()) for path in files) / 1e3
+
+    return read, "rapl"

@@ -1,0 +1,94 @@
+"""Candidate -> metrics. An Evaluator loads the model and data once, then measures configurations."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hwnas.errors import HwnasError
+from hwnas.evaluators.data import load_eval_data
+from hwnas.evaluators.energy import measure_energy
+from hwnas.evaluators.latency import device_name, measure
+from hwnas.evaluators.metrics import accuracy, count_flops, count_params, fidelity_kl, predict_logits
+from hwnas.models.registry import load_model
+from hwnas.pruning.apply import apply_config
+from hwnas.spaces import Config, Space
+
+DEFAULT_MEASURE = {"batch_size": 64, "warmup": 3, "repeats": 15, "threads": None, "dtype": "float32"}
+
+
+class Evaluator:
+    """Measures configurations of one space on one device.
+
+    ``evaluate(config)`` returns the metrics of DESIGN.md: ``accuracy`` (when the data has
+    labels), ``fidelity_kl``, ``latency_ms`` (median, with ``latency_ms_min``/``_max``),
+    ``flops``, ``params`` and, where a hardware counter exists, ``energy_mj``.
+    """
+
+    def __init__(self, space: Space, device: str = "cpu", energy: bool = False, progress: bool = False):
+        self.space = space
+        self.settings = {**DEFAULT_MEASURE, **space.measure}
+        self.device = _resolve_device(device)
+        if self.settings["threads"]:
+            torch.set_num_threads(int(self.settings["threads"]))
+        self.dtype = getattr(torch, self.settings["dtype"])
+        self.energy = energy
+        self.model = load_model(space.model, progress=progress)
+        self.data = load_eval_data(space.data, space.model, self.model)
+        self.dense_calib_logits = predict_logits(self.model, self.data.calib_x)
+        self.latency_input = _batch_of(self.data.test_x, int(self.settings["batch_size"]))
+
+    def info(self) -> dict:
+        """Where and how measurements are taken."""
+        return {"device": device_name(self.device), "batch_size": int(self.settings["batch_size"]),
+                "dtype": self.settings["dtype"], "threads": torch.get_num_threads()}
+
+    def evaluate(self, config: Config) -> dict[str, float]:
+        """All metrics of one configuration. Raises if any metric is not finite."""
+        model = apply_config(self.model, self.space, config)
+        return self.measure_model(model)
+
+    def measure_model(self, model: torch.nn.Module) -> dict[str, float]:
+        """Metrics of an already transformed model (also used to re-measure exports)."""
+        metrics: dict[str, float] = {}
+        model = model.to(torch.float32).eval()
+        logits = predict_logits(model, self.data.calib_x)
+        metrics["fidelity_kl"] = fidelity_kl(self.dense_calib_logits, logits)
+        if self.data.test_y is not None:
+            metrics["accuracy"] = accuracy(predict_logits(model, self.data.test_x), self.data.test_y)
+        metrics["flops"] = count_flops(model, self.data.input_shape)
+        metrics["params"] = count_params(model)
+
+        model = model.to(self.device, self.dtype)
+        x = self.latency_input.to(self.device, self.dtype)
+        timing = measure(lambda: model(x), self.device, int(self.settings["warmup"]), int(self.settings["repeats"]))
+        metrics.update(latency_ms=timing.median_ms, latency_ms_min=timing.min_ms, latency_ms_max=timing.max_ms)
+        if self.energy:
+            energy = measure_energy(lambda: model(x), self.device)
+            if energy is None:
+                raise HwnasError(f"no energy counter on {device_name(self.device)} (NVML or RAPL); "
+                                 "drop the energy objective/budget")
+            metrics["energy_mj"] = energy.mj_per_call / len(x)  # per image
+        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+        if bad:
+            raise FloatingPointError(f"non-finite metric(s): {', '.join(bad)}")
+        return metrics
+
+
+def _resolve_device(device: str) -> torch.device:
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise HwnasError(f"unknown device '{device}' (use cpu or cuda[:i])") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise HwnasError(f"device '{device}' requested but CUDA is not available on this machine")
+    if resolved.type not in ("cpu", "cuda"):
+        raise HwnasError(f"unsupported device '{device}' (use cpu or cuda[:i])")
+    return resolved
+
+
+def _batch_of(x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """A latency batch of exactly ``batch_size`` real images (repeating them if there are fewer)."""
+    repeats = -(-batch_size // len(x))
+    return x.repeat(repeats, *[1] * (x.dim() - 1))[:batch_size].contiguous()

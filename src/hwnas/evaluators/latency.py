@@ -1,0 +1,92 @@
+"""Latency measurement: warm-up, then the median and spread of repeated runs.
+
+CPU: ``time.perf_counter`` around each call. CUDA: CUDA events around each call, after a
+``torch.cuda.synchronize``; when ``cuda_graph`` is set and shapes are static the call is captured
+once into a CUDA graph and the graph is replayed.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Summary of repeated timings of one callable, in milliseconds."""
+
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    repeats: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def device_name(device: torch.device | str) -> str:
+    """Human-readable device name: the GPU's name, or ``cpu: <model name>``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"cpu: {model}"
+
+
+def measure(
+    fn: Callable[[], object],
+    device: torch.device | str = "cpu",
+    warmup: int = 3,
+    repeats: int = 20,
+    cuda_graph: bool = False,
+) -> Timing:
+    """Time ``fn()`` after ``warmup`` calls; return median, min and max over ``repeats`` calls."""
+    device = torch.device(device)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        if device.type == "cuda":
+            samples = _cuda_samples(fn, device, repeats, cuda_graph)
+        else:
+            samples = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn()
+                samples.append((time.perf_counter() - start) * 1e3)
+    return Timing(statistics.median(samples), min(samples), max(samples), len(samples))
+
+
+def _cuda_samples(fn: Callable[[], object], device: torch.device, repeats: int, cuda_graph: bool) -> list[float]:
+    run = fn
+    if cuda_graph:
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            fn()  # allocations made before capture
+        torch.cuda.current_stream(device).wait_stream(stream)
+        with torch.cuda.graph(graph):
+            fn()
+        run = graph.replay
+    samples = []
+    torch.cuda.synchronize(device)
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end))
+    return samples

@@ -1,0 +1,115 @@
+"""Export a study's chosen point as a deployable model, and load it back.
+
+``OUT/model.safetensors`` holds the pruned model's state dict; ``OUT/hwnas.json`` says how to
+rebuild its structure (base model, space, configuration) and what the study measured, on which
+hardware. ``load(OUT)`` builds the architecture, applies the same structural transforms and
+loads the weights (strictly), so the result computes what the evaluated candidate computed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import safetensors.torch
+from optuna.trial import TrialState
+from torch import nn
+
+import hwnas
+from hwnas.errors import HwnasError
+from hwnas.models.registry import build_arch, load_model
+from hwnas.pruning.apply import apply_config
+from hwnas.search.study import StudyDir, read_pareto
+from hwnas.spaces import space_from_dict
+
+FORMAT = "hwnas-export/1"
+PICKS = {"latency": "latency_ms", "accuracy": "accuracy", "energy": "energy_mj", "fidelity": "fidelity_kl"}
+
+
+def choose_trial(study_dir: StudyDir, trial: int | None, pick: str | None) -> dict:
+    """The finished trial named by ``--trial``, or the front's best point by ``--pick``."""
+    study = study_dir.load()
+    if trial is not None:
+        found = [t for t in study.get_trials(deepcopy=False) if t.number == trial]
+        if not found:
+            raise HwnasError(f"{study_dir.path} has no trial {trial}")
+        if found[0].state != TrialState.COMPLETE:
+            raise HwnasError(f"trial {trial} did not complete ({found[0].state.name.lower()}); pick another")
+        attrs = found[0].user_attrs
+        return {"trial": trial, "config": attrs["config"], "metrics": attrs["metrics"], "feasible": attrs["feasible"]}
+    document = read_pareto(study_dir.path)
+    points = document["points"]
+    if not points:
+        raise HwnasError(f"{study_dir.path} has no feasible point to export")
+    metric = PICKS.get(pick or "latency")
+    if metric is None:
+        raise HwnasError(f"unknown --pick '{pick}' (use one of {', '.join(PICKS)})")
+    if metric not in points[0]["metrics"]:
+        raise HwnasError(f"--pick {pick}: the study did not measure {metric}")
+    best = max if metric == "accuracy" else min
+    point = best(points, key=lambda p: p["metrics"][metric])
+    return {**point, "feasible": True}
+
+
+def export_model(study_path: str | Path, out: str | Path, trial: int | None = None, pick: str | None = None) -> Path:
+    """Write ``OUT/model.safetensors`` and ``OUT/hwnas.json`` for the chosen trial."""
+    study_dir = StudyDir.open(study_path)
+    chosen = choose_trial(study_dir, trial, pick)
+    space = study_dir.space
+    model = apply_config(load_model(space.model), space, chosen["config"])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    safetensors.torch.save_file(state, str(out / "model.safetensors"), metadata={"format": FORMAT})
+    baseline = study_dir.load().user_attrs.get("baseline", {})
+    manifest = {
+        "format": FORMAT,
+        "hwnas_version": hwnas.__version__,
+        "model": space.model,
+        "space": space.source,
+        "config": chosen["config"],
+        "study": str(study_dir.path.resolve()),
+        "trial": chosen["trial"],
+        "feasible": chosen["feasible"],
+        "metrics": chosen["metrics"],
+        "baseline_metrics": baseline.get("metrics"),
+        "hardware": {k: baseline.get(k) for k in ("device", "batch_size", "dtype", "threads")},
+    }
+    (out / "hwnas.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+def read_manifest(path: str | Path) -> dict:
+    manifest_file = Path(path) / "hwnas.json"
+    if not manifest_file.is_file():
+        raise HwnasError(f"{path} is not an hwnas export (no hwnas.json)")
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise HwnasError(f"{manifest_file} is damaged: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise HwnasError(f"{manifest_file} is not an {FORMAT} manifest")
+    missing = [k for k in ("model", "space", "config") if k not in manifest]
+    if missing:
+        raise HwnasError(f"{manifest_file} is damaged: missing {', '.join(missing)}")
+    return manifest
+
+
+def load(path: str | Path) -> nn.Module:
+    """Rebuild an exported model: architecture + structural transforms + weights (no pickle)."""
+    manifest = read_manifest(path)
+    weights = Path(path) / "model.safetensors"
+    if not weights.is_file():
+        raise HwnasError(f"{path} is damaged: model.safetensors is missing")
+    space = space_from_dict(manifest["space"], origin=str(Path(path) / "hwnas.json"))
+    model = apply_config(build_arch(manifest["model"]), space, manifest["config"])
+    try:
+        state = safetensors.torch.load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types for truncated/garbled files
+        raise HwnasError(f"{weights} is damaged: {exc}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise HwnasError(f"{weights} does not match the model described by hwnas.json: "
+                         f"{str(exc).splitlines()[0]}") from None
+    return model.eval()

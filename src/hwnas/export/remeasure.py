@@ -1,0 +1,22 @@
+"""``search eval OUT``: measure an exported model again, beside what its study recorded."""
+
+from __future__ import annotations
+
+from hwnas.evaluators.evaluator import Evaluator
+from hwnas.export.exporter import load, read_manifest
+from hwnas.spaces import space_from_dict
+
+
+def remeasure(path: str, data: str | None = None, labels: str = "none", device: str = "cpu",
+              energy: bool = False) -> tuple[dict, dict, dict]:
+    """(recorded metrics, measured metrics, measurement info) of the export at ``path``.
+
+    ``data`` is ``None``/``"default"`` for the space's own data, or an ImageFolder directory.
+    """
+    manifest = read_manifest(path)
+    model = load(path)
+    source = dict(manifest["space"])
+    if data and data != "default":
+        source["data"] = {"imagefolder": data, "labels": labels}
+    evaluator = Evaluator(space_from_dict(source, origin=f"{path}/hwnas.json"), device=device, energy=energy)
+    return manifest.get("metrics", {}), evaluator.measure_model(model), evaluator.info()

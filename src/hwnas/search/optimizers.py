@@ -1,0 +1,139 @@
+"""Optimizers behind ``--optimizer``: pymoo's NSGA-II and Optuna's samplers, all over one Optuna study.
+
+Each optimizer proposes a batch of configurations as Optuna trials (so every evaluation lands
+in the same storage) and, for pymoo, hears back the objective and constraint values. A
+configuration already evaluated in the study (same hash) is not measured again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import optuna
+from pymoo.algorithms.moo.nsga2 import NSGA2
+from pymoo.core.population import Population
+from pymoo.core.problem import Problem
+from pymoo.core.repair import Repair
+from pymoo.operators.crossover.sbx import SBX
+from pymoo.operators.mutation.pm import PM
+from pymoo.operators.repair.rounding import RoundingRepair
+from pymoo.operators.sampling.rnd import IntegerRandomSampling
+
+from hwnas.errors import HwnasError
+from hwnas.spaces import Config, Space, config_hash
+
+CONSTRAINTS_ATTR = "constraints"
+
+
+@dataclass
+class Proposal:
+    """A configuration to evaluate, the Optuna trial that will record it (None when cached for pymoo)."""
+
+    config: Config
+    trial: optuna.Trial | None
+    metrics: dict | None = None  # filled once evaluated (or from the cache)
+    constraints: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def config_hash(self) -> str:
+        return config_hash(self.config)
+
+
+def constraints_of(trial: optuna.trial.FrozenTrial) -> list[float]:
+    """Optuna's ``constraints_func``: the budget violations stored on the trial."""
+    return trial.user_attrs.get(CONSTRAINTS_ATTR, [])
+
+
+class OptunaOptimizer:
+    """Any Optuna sampler, asked ``batch`` trials at a time."""
+
+    def __init__(self, sampler: optuna.samplers.BaseSampler, space: Space):
+        self.sampler = sampler
+        self.space = space
+
+    def ask(self, study: optuna.Study, n: int) -> list[Proposal]:
+        proposals = []
+        for _ in range(n):
+            trial = study.ask()
+            proposals.append(Proposal(self.space.suggest(trial), trial))
+        return proposals
+
+    def tell(self, proposals: list[Proposal], minimised: np.ndarray) -> None:
+        """Optuna learns from the study itself; nothing to do."""
+
+
+class _SpaceRepair(Repair):
+    """Project integer vectors onto the space's ordering constraints (decode, repair, encode)."""
+
+    def __init__(self, space: Space):
+        super().__init__()
+        self.space = space
+
+    def _do(self, problem, X, **kwargs):
+        return np.array([self.space.encode(self.space.decode(x)) for x in np.round(X).astype(int)])
+
+
+class PymooNSGA2:
+    """pymoo's NSGA-II in ask/tell mode over the integer encoding of the space.
+
+    On resume the previous evaluations seed the first population, so the search continues
+    from where it stopped instead of starting again.
+    """
+
+    def __init__(self, space: Space, n_objectives: int, n_constraints: int, population: int, seed: int,
+                 initial: list[tuple[Config, np.ndarray, np.ndarray]] | None = None):
+        self.space = space
+        self.sampler = optuna.samplers.RandomSampler(seed=seed)  # never used: every trial is enqueued
+        low, high = space.bounds()
+        problem = Problem(n_var=len(low), n_obj=n_objectives, n_ieq_constr=n_constraints, xl=low, xu=high, vtype=int)
+        sampling = IntegerRandomSampling()
+        if initial:
+            sampling = Population.new("X", np.array([space.encode(c) for c, _, _ in initial]))
+        self.algorithm = NSGA2(
+            pop_size=population, sampling=sampling, repair=_SpaceRepair(space), eliminate_duplicates=True,
+            crossover=SBX(prob=0.9, eta=3.0, vtype=float, repair=RoundingRepair()),
+            mutation=PM(prob=1.0, eta=3.0, vtype=float, repair=RoundingRepair()))
+        self.algorithm.setup(problem, seed=seed)
+        self._population: Population | None = None
+
+    def ask(self, study: optuna.Study, n: int) -> list[Proposal]:
+        """One generation (``n`` is ignored: NSGA-II proposes whole generations)."""
+        self._population = self.algorithm.ask()
+        proposals = []
+        for x in self._population.get("X"):
+            config = self.space.decode(x)
+            proposals.append(Proposal(config, None))
+        return proposals
+
+    def attach_trial(self, study: optuna.Study, proposal: Proposal) -> None:
+        """Create the Optuna trial that records this proposal, with its parameters fixed."""
+        study.enqueue_trial(proposal.config, skip_if_exists=False)
+        proposal.trial = study.ask()
+        proposal.config = self.space.suggest(proposal.trial)
+
+    def tell(self, proposals: list[Proposal], minimised: np.ndarray) -> None:
+        constraints = np.array([p.constraints for p in proposals], dtype=float).reshape(len(proposals), -1)
+        self._population.set("F", minimised, "G", constraints)
+        self.algorithm.tell(infills=self._population)
+
+
+OPTIMIZERS = ("nsga2", "optuna-nsga2", "optuna-tpe", "random")
+
+
+def make_optimizer(name: str, space: Space, n_objectives: int, n_constraints: int, population: int, seed: int,
+                   initial: list[tuple[Config, np.ndarray, np.ndarray]] | None = None):
+    """The optimizer named on the command line. ``seed`` is already offset for resumed studies."""
+    constraints = constraints_of if n_constraints else None
+    if name == "nsga2":
+        return PymooNSGA2(space, n_objectives, n_constraints, population, seed, initial)
+    if name == "optuna-nsga2":
+        return OptunaOptimizer(optuna.samplers.NSGAIISampler(
+            population_size=population, seed=seed, constraints_func=constraints), space)
+    if name == "optuna-tpe":
+        return OptunaOptimizer(optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, n_startup_trials=population, constraints_func=constraints), space)
+    if name == "random":
+        return OptunaOptimizer(optuna.samplers.RandomSampler(seed=seed), space)
+    raise HwnasError(f"unknown optimizer '{name}' (known: {', '.join(OPTIMIZERS)})")

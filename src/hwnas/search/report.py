@@ -1,0 +1,137 @@
+"""What a study leaves for people: ``pareto.json``, the front as a table, ``report.md`` with ``pareto.png``."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from pathlib import Path
+
+from rich.table import Table
+
+from hwnas.search.objectives import format_metric
+from hwnas.search.pareto import Record, hypervolume, pareto_front
+
+TABLE_METRICS = ("accuracy", "fidelity_kl", "latency_ms", "energy_mj", "flops", "params")
+
+
+def pareto_document(study_dir, records: list[Record], baseline: dict) -> dict:
+    """The ``pareto.json`` mapping of DESIGN.md (plus the hypervolume and the trial counts)."""
+    objectives = study_dir.objectives
+    front = pareto_front(records, objectives)
+    return {
+        "objectives": {o.metric: o.direction for o in objectives},
+        "budget": study_dir.budget.limits,
+        "device": baseline.get("device"),
+        "measurement": {k: baseline.get(k) for k in ("batch_size", "dtype", "threads")},
+        "space": study_dir.space.name,
+        "optimizer": study_dir.settings.optimizer,
+        "baseline": {"config": baseline["config"], "metrics": baseline["metrics"]},
+        "trials": {"complete": len(records), "feasible": sum(r.feasible for r in records)},
+        "hypervolume": hypervolume(front, objectives, baseline["metrics"]),
+        "points": [{"trial": r.trial, "config": r.config, "metrics": r.metrics} for r in front],
+    }
+
+
+def write_pareto(study_dir, records: list[Record], baseline: dict) -> Path:
+    """Rewrite ``pareto.json`` atomically (a reader never sees half a file)."""
+    path = study_dir.path / "pareto.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(pareto_document(study_dir, records, baseline), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def front_table(document: dict, title: str | None = None) -> Table:
+    """A rich table of the front in ``document`` (a parsed pareto.json), baseline first."""
+    base = document["baseline"]["metrics"]
+    metrics = [m for m in TABLE_METRICS if m in base]
+    table = Table(title=title or f"Pareto front · {document.get('device')}", title_justify="left")
+    table.add_column("trial", justify="right")
+    for metric in metrics:
+        table.add_column(metric, justify="right")
+    table.add_column("speed-up", justify="right")
+    table.add_column("config")
+    table.add_row("dense", *[format_metric(m, base[m]) for m in metrics], "1.00x", "", style="dim")
+    for point in document["points"]:
+        m = point["metrics"]
+        speedup = base["latency_ms"] / m["latency_ms"] if m.get("latency_ms") else float("nan")
+        table.add_row(str(point["trial"]), *[format_metric(k, m[k]) for k in metrics], f"{speedup:.2f}x",
+                      _short_config(point["config"], document["baseline"]["config"]))
+    return table
+
+
+def _short_config(config: dict, identity: dict) -> str:
+    """Only the variables that differ from the unpruned model."""
+    changed = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items() if identity.get(k) != v]
+    return " ".join(changed) or "(unpruned)"
+
+
+def write_report(study_dir, records: list[Record], front: list[Record], baseline: dict, hv: float) -> Path:
+    """``report.md`` with the front as a table and ``pareto.png`` (each pair of objectives)."""
+    objectives = study_dir.objectives
+    plot = _plot(study_dir.path / "pareto.png", records, front, baseline, study_dir)
+    base = baseline["metrics"]
+    metrics = [m for m in TABLE_METRICS if m in base]
+    lines = [
+        f"# hwnas study: {study_dir.space.name}",
+        "",
+        f"- device: {baseline.get('device')} (batch {baseline.get('batch_size')}, {baseline.get('dtype')}, "
+        f"{baseline.get('threads')} threads)",
+        f"- optimizer: {study_dir.settings.optimizer}, trials: {len(records)} complete, "
+        f"{sum(r.feasible for r in records)} feasible",
+        f"- objectives: {', '.join(f'{o.direction} {o.metric}' for o in objectives)}",
+        f"- budget: {study_dir.budget.describe()}",
+        f"- hypervolume (normalised by the dense baseline): {hv:.4f}",
+        "",
+        "| trial | " + " | ".join(metrics) + " | config |",
+        "|---|" + "---|" * len(metrics) + "---|",
+        "| dense | " + " | ".join(format_metric(m, base[m]) for m in metrics) + " | |",
+    ]
+    for r in front:
+        lines.append(f"| {r.trial} | " + " | ".join(format_metric(m, r.metrics[m]) for m in metrics)
+                     + f" | {_short_config(r.config, baseline['config'])} |")
+    if plot:
+        lines += ["", f"![Pareto front]({plot.name})"]
+    lines += ["", f"Explore every trial: `optuna-dashboard sqlite:///{(study_dir.path / 'study.db').resolve()}`", ""]
+    path = study_dir.path / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _plot(path: Path, records: list[Record], front: list[Record], baseline: dict, study_dir) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    objectives = study_dir.objectives
+    pairs = list(itertools.combinations(objectives, 2))
+    if not pairs or not records:
+        return None
+    fig, axes = plt.subplots(1, len(pairs), figsize=(6 * len(pairs), 4.5), squeeze=False)
+    for ax, (a, b) in zip(axes[0], pairs):
+        infeasible = [r for r in records if not r.feasible]
+        feasible = [r for r in records if r.feasible]
+        for group, style in ((infeasible, dict(c="lightgrey", marker="x", label="over budget")),
+                             (feasible, dict(c="tab:blue", marker="o", alpha=0.6, label="feasible"))):
+            if group:
+                ax.scatter([r.metrics[b.metric] for r in group], [r.metrics[a.metric] for r in group], **style)
+        if front:
+            ordered = sorted(front, key=lambda r: r.metrics[b.metric])
+            ax.plot([r.metrics[b.metric] for r in ordered], [r.metrics[a.metric] for r in ordered], "o-",
+                    c="tab:red", drawstyle="steps-post", label="Pareto front")
+        ax.scatter([baseline["metrics"][b.metric]], [baseline["metrics"][a.metric]], marker="*", s=200,
+                   c="black", label="dense", zorder=5)
+        limit = study_dir.budget.limits.get(b.metric)
+        if limit is not None:
+            ax.axvline(limit, ls="--", c="tab:orange", label=f"budget {format_metric(b.metric, limit)}")
+        ax.set_xlabel(f"{b.metric} ({b.direction})")
+        ax.set_ylabel(f"{a.metric} ({a.direction})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{study_dir.space.name} on {baseline.get('device')}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

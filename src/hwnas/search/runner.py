@@ -1,0 +1,238 @@
+"""The search loop: measure the baseline, then ask, evaluate and record until the trial count is met.
+
+Every finished evaluation is told to the Optuna study at once and ``pareto.json`` is rewritten,
+so an interrupted run loses nothing but the evaluations in flight (which are recorded as
+failed with the reason ``interrupted``); ``--resume`` then continues to the same trial count.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from hwnas.errors import BudgetError, HwnasError
+from hwnas.search.objectives import format_metric
+from hwnas.search.optimizers import CONSTRAINTS_ATTR, Proposal, PymooNSGA2, make_optimizer
+from hwnas.search.pareto import Record, hypervolume, pareto_front
+from hwnas.search.report import write_pareto, write_report
+from hwnas.search.study import StudyDir
+
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+FAILED_VALUE = 1e18  # what pymoo sees for a candidate whose evaluation failed
+MAX_STALLED_BATCHES = 5
+
+
+class Interrupted(HwnasError):
+    exit_code = 130
+
+
+@dataclass
+class RunSummary:
+    records: list[Record]
+    front: list[Record]
+    hypervolume: float
+    baseline: dict
+
+
+class SearchRun:
+    """Runs (or resumes) the search of one study directory on an evaluator pool."""
+
+    def __init__(self, study_dir: StudyDir, pool, console: Console | None = None, progress: bool = True):
+        self.dir = study_dir
+        self.pool = pool
+        self.console = console or Console(stderr=True)
+        self.show_progress = progress
+        self.objectives = study_dir.objectives
+        self.budget = study_dir.budget
+
+    # ---- public -------------------------------------------------------------------------------
+    def run(self) -> RunSummary:
+        settings = self.dir.settings
+        study = self.dir.load()
+        self._fail_stale(study)
+        baseline = self._baseline(study)
+        records = self.dir.records(study)
+        self.cache = {r.config_hash: r for r in records}
+        n_trials_so_far = len(study.trials)
+        initial = [(r.config, None, None) for r in records] if records else None
+        self.optimizer = make_optimizer(
+            settings.optimizer, self.dir.space, len(self.objectives), len(self.budget.limits),
+            settings.population_size(), settings.seed + n_trials_so_far, initial)
+        study = self.dir.load(self.optimizer.sampler)
+        self.study, self.baseline, self.records = study, baseline, records
+
+        in_flight: list[Proposal] = []
+        with self._progress() as progress:
+            task = progress.add_task("trials", total=settings.trials, completed=len(records), **self._fields())
+            try:
+                stalled = 0
+                while len(self.records) < settings.trials:
+                    before = len(self.records)
+                    in_flight = self._next_batch(settings.trials - len(self.records))
+                    self._evaluate(in_flight, lambda: progress.update(task, completed=len(self.records),
+                                                                       **self._fields()))
+                    in_flight = []
+                    stalled = stalled + 1 if len(self.records) == before else 0
+                    if stalled >= MAX_STALLED_BATCHES:
+                        self.console.print(f"[yellow]the optimizer proposed no new configuration in "
+                                           f"{MAX_STALLED_BATCHES} batches: the space looks exhausted")
+                        break
+            except KeyboardInterrupt:
+                self._interrupt(in_flight)
+                self._write_outputs()
+                raise Interrupted(f"interrupted after {len(self.records)} finished trial(s); "
+                                  f"continue with: search run --resume {self.dir.path}") from None
+        summary = self._write_outputs()
+        if not summary.front:
+            raise BudgetError(self._impossible_budget_message())
+        return summary
+
+    # ---- steps --------------------------------------------------------------------------------
+    def _baseline(self, study: optuna.Study) -> dict:
+        baseline = self.dir.baseline(study)
+        if baseline is None:
+            identity = self.dir.space.identity()
+            outcome = next(iter(self.pool.evaluate([identity])))
+            if outcome.error:
+                raise HwnasError(f"the unpruned model could not be evaluated: {outcome.error}")
+            baseline = {"config": identity, "metrics": outcome.metrics, **self.pool.info()}
+            self._check_metrics(baseline["metrics"])
+            study.set_user_attr("baseline", baseline)
+            study.set_user_attr("objectives", {o.metric: o.direction for o in self.objectives})
+            study.set_user_attr("budget", self.budget.limits)
+        return baseline
+
+    def _check_metrics(self, metrics: dict) -> None:
+        needed = [o.metric for o in self.objectives] + [
+            "accuracy" if m == "accuracy_drop" else m for m in self.budget.limits]
+        missing = [m for m in needed if m not in metrics]
+        if missing:
+            hint = " (the data has no labels: use --objectives fidelity,latency)" if "accuracy" in missing else ""
+            raise HwnasError(f"this evaluation does not measure {', '.join(missing)}{hint}")
+
+    def _next_batch(self, remaining: int) -> list[Proposal]:
+        """Proposals to evaluate now; cached configurations are answered without a new measurement."""
+        batch = self.optimizer.ask(self.study, max(1, min(remaining, self.pool.workers)))
+        if isinstance(self.optimizer, PymooNSGA2):
+            new = 0
+            for proposal in batch:
+                cached = self.cache.get(proposal.config_hash)
+                if cached is not None:
+                    self._fill_from(proposal, cached)
+                elif new < remaining:
+                    self.optimizer.attach_trial(self.study, proposal)
+                    new += 1
+        return batch
+
+    def _evaluate(self, batch: list[Proposal], on_record) -> None:
+        todo = []
+        for proposal in batch:
+            cached = self.cache.get(proposal.config_hash)
+            if proposal.metrics is None and cached is not None and proposal.trial is not None:
+                self._fill_from(proposal, cached)
+                proposal.trial.set_user_attr("cached_from", cached.trial)
+                self._record(proposal)
+                on_record()
+            elif proposal.trial is not None:
+                todo.append(proposal)
+        for outcome in self.pool.evaluate([p.config for p in todo]):
+            proposal = todo[outcome.index]
+            proposal.metrics, proposal.error = outcome.metrics, outcome.error
+            self._record(proposal)
+            on_record()
+        if isinstance(self.optimizer, PymooNSGA2) and all(p.metrics or p.error for p in batch):
+            self.optimizer.tell(batch, np.array([self._minimised(p) for p in batch]))
+
+    def _fill_from(self, proposal: Proposal, cached: Record) -> None:
+        proposal.metrics = cached.metrics
+        proposal.constraints = self.budget.constraints(cached.metrics, self.baseline["metrics"])
+
+    def _record(self, proposal: Proposal) -> None:
+        trial = proposal.trial
+        trial.set_user_attr("config", proposal.config)
+        trial.set_user_attr("config_hash", proposal.config_hash)
+        if proposal.error:
+            trial.set_user_attr("error", proposal.error)
+            self.study.tell(trial, state=TrialState.FAIL)
+            self.console.print(f"[red]trial {trial.number} failed: {proposal.error}")
+            proposal.constraints = [FAILED_VALUE] * len(self.budget.limits)
+            return
+        metrics = proposal.metrics
+        proposal.constraints = self.budget.constraints(metrics, self.baseline["metrics"])
+        feasible = all(c <= 0 for c in proposal.constraints)
+        trial.set_user_attr("metrics", metrics)
+        trial.set_user_attr(CONSTRAINTS_ATTR, proposal.constraints)
+        trial.set_user_attr("feasible", feasible)
+        trial.set_user_attr("device", self.baseline.get("device"))
+        self.study.tell(trial, values=[metrics[o.metric] for o in self.objectives])
+        record = Record(trial.number, proposal.config, metrics, feasible, proposal.config_hash)
+        self.records.append(record)
+        self.cache.setdefault(record.config_hash, record)
+        write_pareto(self.dir, self.records, self.baseline)
+
+    def _minimised(self, proposal: Proposal) -> list[float]:
+        if proposal.error:
+            return [FAILED_VALUE] * len(self.objectives)
+        return [o.minimised(proposal.metrics[o.metric]) for o in self.objectives]
+
+    def _fail_stale(self, study: optuna.Study) -> None:
+        """Trials left RUNNING by a killed driver are recorded as failed (they never finished)."""
+        stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        for trial in stale:
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+        if stale:
+            self.console.print(f"marked {len(stale)} unfinished trial(s) of the previous run as failed")
+
+    def _interrupt(self, in_flight: list[Proposal]) -> None:
+        for proposal in in_flight:
+            if proposal.trial is not None and proposal.metrics is None and proposal.error is None:
+                proposal.trial.set_user_attr("error", "interrupted")
+                self.study.tell(proposal.trial, state=TrialState.FAIL, skip_if_finished=True)
+
+    def _write_outputs(self) -> RunSummary:
+        front = pareto_front(self.records, self.objectives)
+        hv = hypervolume(front, self.objectives, self.baseline["metrics"])
+        write_pareto(self.dir, self.records, self.baseline)
+        write_report(self.dir, self.records, front, self.baseline, hv)
+        return RunSummary(self.records, front, hv, self.baseline)
+
+    def _impossible_budget_message(self) -> str:
+        parts = []
+        for metric, limit in self.budget.limits.items():
+            values = [(self.budget.value(metric, r.metrics, self.baseline["metrics"]), r.trial) for r in self.records]
+            if not values:
+                continue
+            best, trial = min(values)
+            if best > limit:
+                parts.append(f"{metric} <= {format_metric(metric, limit)} (best seen {format_metric(metric, best)}, "
+                             f"trial {trial})")
+        if not self.records:
+            return "no trial finished, so no candidate meets the budget"
+        return (f"no candidate in {len(self.records)} trials meets the budget: " + "; ".join(parts or ["jointly"])
+                + ". Relax --budget or search longer")
+
+    # ---- progress -----------------------------------------------------------------------------
+    def _progress(self) -> Progress:
+        return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("feasible {task.fields[feasible]} · front {task.fields[front]} · "
+                                   "HV {task.fields[hv]} · best {task.fields[best]}"),
+                        TimeElapsedColumn(), console=self.console, disable=not self.show_progress)
+
+    def _fields(self) -> dict:
+        records = getattr(self, "records", [])
+        feasible = [r for r in records if r.feasible]
+        front = pareto_front(records, self.objectives)
+        first = self.objectives[0]
+        best = "-"
+        if feasible:
+            pick = min(feasible, key=lambda r: first.minimised(r.metrics[first.metric]))
+            best = f"{first.metric} {format_metric(first.metric, pick.metrics[first.metric])}"
+        hv = hypervolume(front, self.objectives, self.baseline["metrics"]) if front else 0.0
+        return {"feasible": len(feasible), "front": len(front), "hv": f"{hv:.3f}", "best": best}

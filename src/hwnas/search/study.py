@@ -1,0 +1,126 @@
+"""A study directory: one Optuna RDB study in SQLite plus the run's resolved settings.
+
+Layout of DIR: ``study.db`` (every optimizer's evaluations, so ``optuna-dashboard sqlite:///DIR/study.db``,
+resume and plots work the same for all), ``config.yaml`` (the space and run settings),
+``pareto.json``, ``report.md`` and ``pareto.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import optuna
+import yaml
+from optuna.trial import FrozenTrial, TrialState
+
+from hwnas.errors import HwnasError
+from hwnas.search.objectives import Budget, Objective, parse_budget, parse_objectives
+from hwnas.search.pareto import Record
+from hwnas.spaces import Space, space_from_dict
+
+STUDY_NAME = "hwnas"
+optuna.logging.set_verbosity(logging.WARNING)
+
+
+@dataclass
+class RunSettings:
+    """Everything that defines a run besides the space; saved to config.yaml so --resume needs nothing else."""
+
+    objectives: str = "accuracy,latency"
+    budget: str = ""
+    optimizer: str = "nsga2"
+    trials: int = 24
+    population: int = 0  # 0: chosen from the trial count
+    seed: int = 0
+    device: str = "cpu"
+    workers: int = 1
+    ray_address: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def parsed_objectives(self) -> list[Objective]:
+        return parse_objectives(self.objectives)
+
+    def parsed_budget(self) -> Budget:
+        return parse_budget(self.budget)
+
+    def population_size(self) -> int:
+        return self.population or max(4, min(20, self.trials // 3))
+
+
+class StudyDir:
+    """Creates or reopens the study directory and turns its trials into records."""
+
+    def __init__(self, path: Path, space: Space, settings: RunSettings):
+        self.path = path
+        self.space = space
+        self.settings = settings
+        self.objectives = settings.parsed_objectives()
+        self.budget = settings.parsed_budget()
+
+    # ---- creation and resume ------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | Path, space: Space, settings: RunSettings) -> "StudyDir":
+        path = Path(path)
+        if (path / "study.db").exists():
+            raise HwnasError(f"{path} already holds a study; continue it with --resume {path} or choose another --out")
+        path.mkdir(parents=True, exist_ok=True)
+        study = cls(path, space, settings)
+        (path / "config.yaml").write_text(yaml.safe_dump(
+            {"space": space.source, "run": asdict(settings)}, sort_keys=False))
+        return study
+
+    @classmethod
+    def open(cls, path: str | Path) -> "StudyDir":
+        path = Path(path)
+        config_file = path / "config.yaml"
+        if not (path / "study.db").exists() or not config_file.exists():
+            raise HwnasError(f"{path} is not a study directory (no study.db/config.yaml)")
+        try:
+            saved = yaml.safe_load(config_file.read_text())
+            settings = RunSettings(**saved["run"])
+            space = space_from_dict(saved["space"], origin=str(config_file))
+        except (yaml.YAMLError, KeyError, TypeError) as exc:
+            raise HwnasError(f"{config_file} is damaged: {exc}") from None
+        return cls(path, space, settings)
+
+    def save_settings(self) -> None:
+        (self.path / "config.yaml").write_text(yaml.safe_dump(
+            {"space": self.space.source, "run": asdict(self.settings)}, sort_keys=False))
+
+    @property
+    def storage_url(self) -> str:
+        return f"sqlite:///{(self.path / 'study.db').resolve()}"
+
+    def load(self, sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:
+        study = optuna.create_study(
+            storage=self.storage_url, study_name=STUDY_NAME, sampler=sampler, load_if_exists=True,
+            directions=[o.optuna_direction for o in self.objectives])
+        if study.metric_names is None:
+            study.set_metric_names([o.metric for o in self.objectives])
+        return study
+
+    # ---- reading results ----------------------------------------------------------------------
+    def records(self, study: optuna.Study) -> list[Record]:
+        return [record_of(t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+
+    def baseline(self, study: optuna.Study) -> dict | None:
+        return study.user_attrs.get("baseline")
+
+
+def record_of(trial: FrozenTrial) -> Record:
+    attrs = trial.user_attrs
+    return Record(trial.number, attrs["config"], attrs["metrics"], bool(attrs["feasible"]), attrs["config_hash"])
+
+
+def read_pareto(path: str | Path) -> dict:
+    """The ``pareto.json`` of a study directory, with a clear error when it is missing or damaged."""
+    file = Path(path) / "pareto.json"
+    if not file.exists():
+        raise HwnasError(f"{path} has no pareto.json (is it a study directory from `search run`?)")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise HwnasError(f"{file} is damaged: {exc}") from None

@@ -1,0 +1,187 @@
+"""Load a search space from YAML (a file or a preset name), with errors that name the file and key.
+
+Schema (see ``src/hwnas/presets/*.yaml`` for complete examples)::
+
+    name: digits-deit-tokens
+    model: {name: digits-deit}               # built-in, or a timm name + checkpoint + kwargs
+    data: {name: default}                    # or {imagefolder: DIR, labels: true}
+    measure: {batch_size: 64, warmup: 3, repeats: 15}
+    dimensions:
+      - name: keep                           # variables keep.1 ... keep.5
+        transform: token_keep
+        targets: [1, 2, 3, 4, 5]
+        values: {low: 0.3, high: 1.0, step: 0.1}   # or an explicit list
+        order: non_increasing                # optional, over the targets in order
+        stages: [[1, 2], [3, 4, 5]]          # optional: the order holds inside each stage only
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from hwnas.errors import HwnasError
+from hwnas.spaces.space import ORDERS, Dimension, Monotone, Space
+
+#: Transforms a dimension may drive, with the value that leaves the model unchanged.
+TRANSFORMS: dict[str, Any] = {
+    "token_keep": 1.0,       # fraction of patch tokens a block processes
+    "block_sparsity": 0.0,   # fraction of b x b weight blocks removed from a linear layer
+    "block_size": None,      # b, a space-level choice
+    "window_ratio": 0.0,     # fraction of Swin windows a block skips
+}
+
+_TOP_KEYS = {"name", "description", "model", "data", "measure", "dimensions"}
+_DIM_KEYS = {"name", "transform", "targets", "values", "order", "stages"}
+_MEASURE_KEYS = {"batch_size", "warmup", "repeats", "threads", "dtype"}
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("hwnas.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_space(spec: str | Path | dict | None = None) -> Space:
+    """A Space from a YAML file path, a preset name, an already-parsed mapping, or the default preset."""
+    if isinstance(spec, dict):
+        return space_from_dict(spec, origin="<mapping>")
+    if spec is None:
+        spec = "default"
+    spec = str(spec)
+    if spec in preset_names():
+        text = resources.files("hwnas.presets").joinpath(f"{spec}.yaml").read_text()
+        return space_from_dict(_parse(text, f"preset {spec}"), origin=f"preset {spec}")
+    path = Path(spec)
+    if not path.exists():
+        raise HwnasError(f"space '{spec}' is neither a YAML file nor a preset ({', '.join(preset_names())})")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise HwnasError(f"{path}: cannot read: {exc}") from None
+    return space_from_dict(_parse(text, str(path)), origin=str(path))
+
+
+def _parse(text: str, origin: str) -> dict:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise HwnasError(f"{origin}: not valid YAML{line}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise HwnasError(f"{origin}: expected a mapping with keys name, model, dimensions")
+    return data
+
+
+def space_from_dict(data: dict, origin: str = "<mapping>") -> Space:
+    """Validate a parsed YAML mapping and build the Space."""
+
+    def fail(key: str, message: str) -> HwnasError:
+        return HwnasError(f"{origin}: {key}: {message}")
+
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise fail(sorted(unknown)[0], f"unknown key (allowed: {', '.join(sorted(_TOP_KEYS))})")
+    for key in ("name", "model", "dimensions"):
+        if key not in data:
+            raise fail(key, "missing")
+    model = data["model"]
+    if isinstance(model, str):
+        model = {"name": model}
+    if not isinstance(model, dict) or not isinstance(model.get("name"), str):
+        raise fail("model", "expected {name: MODEL[, checkpoint: FILE, kwargs: {...}]}")
+    data_spec = data.get("data", {"name": "default"})
+    if isinstance(data_spec, str):
+        data_spec = {"name": data_spec}
+    if not isinstance(data_spec, dict):
+        raise fail("data", "expected {name: default} or {imagefolder: DIR}")
+    measure = data.get("measure") or {}
+    if not isinstance(measure, dict) or set(measure) - _MEASURE_KEYS:
+        raise fail("measure", f"expected a mapping with keys among {', '.join(sorted(_MEASURE_KEYS))}")
+    raw_dims = data["dimensions"]
+    if not isinstance(raw_dims, list) or not raw_dims:
+        raise fail("dimensions", "expected a non-empty list")
+
+    dimensions: list[Dimension] = []
+    constraints: list[Monotone] = []
+    for i, raw in enumerate(raw_dims):
+        dims, cons = _dimension(raw, lambda k, m, i=i: fail(f"dimensions[{i}]{'.' + k if k else ''}", m))
+        dimensions += dims
+        constraints += cons
+    names = [d.name for d in dimensions]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate:
+        raise fail("dimensions", f"variable '{duplicate}' is defined twice")
+    return Space(
+        name=str(data["name"]),
+        description=str(data.get("description", "")),
+        model=model,
+        data=data_spec,
+        measure=measure,
+        dimensions=dimensions,
+        constraints=constraints,
+        source=data,
+    )
+
+
+def _dimension(raw: Any, fail) -> tuple[list[Dimension], list[Monotone]]:
+    if not isinstance(raw, dict):
+        raise fail("", "expected a mapping with name, transform, values")
+    unknown = set(raw) - _DIM_KEYS
+    if unknown:
+        raise fail(sorted(unknown)[0], f"unknown key (allowed: {', '.join(sorted(_DIM_KEYS))})")
+    for key in ("name", "transform", "values"):
+        if key not in raw:
+            raise fail(key, "missing")
+    transform = raw["transform"]
+    if transform not in TRANSFORMS:
+        raise fail("transform", f"unknown transform '{transform}' (known: {', '.join(TRANSFORMS)})")
+    values = _values(raw["values"], fail)
+    identity = TRANSFORMS[transform]
+    targets = raw.get("targets")
+    if targets is None:
+        dims = [Dimension(str(raw["name"]), transform, None, values, identity)]
+    else:
+        if not isinstance(targets, list) or not targets:
+            raise fail("targets", "expected a non-empty list")
+        dims = [Dimension(f"{raw['name']}.{t}", transform, t, values, identity) for t in targets]
+
+    constraints = []
+    order = raw.get("order")
+    if order is not None:
+        if order not in ORDERS:
+            raise fail("order", f"expected one of {', '.join(ORDERS)}")
+        if targets is None:
+            raise fail("order", "needs targets to order")
+        stages = raw.get("stages") or [targets]
+        for stage in stages:
+            if not isinstance(stage, list) or any(t not in targets for t in stage):
+                raise fail("stages", "each stage must be a list of this dimension's targets")
+            if len(stage) > 1:
+                constraints.append(Monotone(tuple(f"{raw['name']}.{t}" for t in stage), order))
+    elif "stages" in raw:
+        raise fail("stages", "only meaningful together with order")
+    return dims, constraints
+
+
+def _values(raw: Any, fail) -> tuple:
+    if isinstance(raw, dict):
+        if set(raw) != {"low", "high", "step"}:
+            raise fail("values", "a range needs exactly low, high and step")
+        low, high, step = raw["low"], raw["high"], raw["step"]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high, step)):
+            raise fail("values", "low, high and step must be numbers")
+        if step <= 0 or high < low:
+            raise fail("values", "needs step > 0 and high >= low")
+        count = int(round((high - low) / step)) + 1
+        if all(isinstance(v, int) for v in (low, high, step)):
+            return tuple(range(low, high + 1, step))
+        return tuple(float(round(v, 9)) for v in np.linspace(low, high, count))
+    if isinstance(raw, list) and raw:
+        if len(set(map(repr, raw))) != len(raw):
+            raise fail("values", "values repeat")
+        return tuple(raw)
+    raise fail("values", "expected a non-empty list or {low, high, step}")

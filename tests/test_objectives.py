@@ -1,0 +1,44 @@
+"""Budgets and objectives: unit parsing, constraint values, clear errors."""
+
+import pytest
+
+from hwnas.errors import HwnasError
+from hwnas.search.objectives import parse_budget, parse_objectives
+
+
+def test_budget_units():
+    budget = parse_budget("latency=5ms,energy=2J,accuracy_drop=1%,flops=2G,params=300k")
+    assert budget.limits == {"latency_ms": 5.0, "energy_mj": 2000.0, "accuracy_drop": pytest.approx(0.01),
+                             "flops": 2e9, "params": 3e5}
+    assert parse_budget("latency=250us").limits["latency_ms"] == pytest.approx(0.25)
+    assert parse_budget("latency=0.5s").limits["latency_ms"] == 500.0
+    assert parse_budget(None).limits == {}
+
+
+def test_constraints_and_accuracy_drop_relative_to_baseline():
+    budget = parse_budget("latency=5ms,accuracy_drop=1%")
+    baseline = {"accuracy": 0.98, "latency_ms": 8.0}
+    assert budget.feasible({"accuracy": 0.975, "latency_ms": 4.0}, baseline)
+    assert not budget.feasible({"accuracy": 0.96, "latency_ms": 4.0}, baseline)
+    assert not budget.feasible({"accuracy": 0.98, "latency_ms": 5.5}, baseline)
+    assert budget.constraints({"accuracy": 0.98, "latency_ms": 6.0}, baseline) == pytest.approx([1.0, -0.01])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("latency=fast", "malformed budget 'latency=fast'"),
+    ("latency", "expected KEY=VALUE"),
+    ("speed=5ms", "unknown budget 'speed'"),
+    ("latency=5mJ", "malformed budget"),
+    ("latency=5ms,latency=4ms", "given twice"),
+])
+def test_malformed_budgets(text, message):
+    with pytest.raises(HwnasError, match=message):
+        parse_budget(text)
+
+
+def test_objectives():
+    objectives = parse_objectives("accuracy,latency")
+    assert [(o.metric, o.direction) for o in objectives] == [("accuracy", "max"), ("latency_ms", "min")]
+    assert objectives[0].minimised(0.9) == -0.9
+    with pytest.raises(HwnasError, match="unknown objective 'speed'"):
+        parse_objectives("accuracy,speed")

@@ -1,0 +1,153 @@
+"""The search loop with a formula evaluator: every optimizer, budgets, Pareto exactness, resume, interrupt."""
+
+import json
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from hwnas.errors import BudgetError, HwnasError
+from hwnas.evaluators.pool import Outcome
+from hwnas.search.runner import Interrupted, SearchRun
+from hwnas.search.study import RunSettings, StudyDir
+from hwnas.spaces import config_hash, space_from_dict
+
+SPACE = {
+    "name": "formula",
+    "model": {"name": "digits-deit"},
+    "dimensions": [{"name": "keep", "transform": "token_keep", "targets": [1, 2, 3, 4],
+                    "values": {"low": 0.2, "high": 1.0, "step": 0.1}, "order": "non_increasing"}],
+}
+
+
+class FormulaPool:
+    """Stands in for the model: accuracy and latency are smooth functions of the mean keep ratio."""
+
+    workers = 2
+
+    def __init__(self, interrupt_after: int | None = None):
+        self.evaluated: list[str] = []
+        self.interrupt_after = interrupt_after
+
+    def info(self):
+        return {"device": "formula", "batch_size": 1, "dtype": "float32", "threads": 1}
+
+    def evaluate(self, configs):
+        for i, config in enumerate(configs):
+            if self.interrupt_after is not None and len(self.evaluated) >= self.interrupt_after:
+                raise KeyboardInterrupt
+            self.evaluated.append(config_hash(config))
+            keep = np.array(list(config.values()))
+            mean = float(keep.mean())
+            yield Outcome(i, metrics={"accuracy": 0.6 + 0.4 * mean ** 0.5 - 0.01 * float(keep.std()),
+                                      "latency_ms": 1.0 + 9.0 * mean, "fidelity_kl": 1.0 - mean})
+
+
+def make_study(tmp_path, optimizer="nsga2", trials=12, budget="", objectives="accuracy,latency"):
+    settings = RunSettings(objectives=objectives, budget=budget, optimizer=optimizer, trials=trials, seed=1)
+    return StudyDir.create(tmp_path / "study", space_from_dict(SPACE), settings)
+
+
+def complete_trials(study_dir):
+    return study_dir.load().get_trials(states=(TrialState.COMPLETE,))
+
+
+@pytest.mark.parametrize("optimizer", ["nsga2", "optuna-nsga2", "optuna-tpe", "random"])
+def test_every_optimizer_fills_the_study_and_respects_the_budget(tmp_path, optimizer):
+    study_dir = make_study(tmp_path, optimizer, trials=14, budget="latency=7ms")
+    summary = SearchRun(study_dir, FormulaPool(), progress=False).run()
+    assert len(complete_trials(study_dir)) == 14
+    document = json.loads((study_dir.path / "pareto.json").read_text())
+    assert document["baseline"]["metrics"]["latency_ms"] == pytest.approx(10.0)
+    assert document["budget"] == {"latency_ms": 7.0}
+    assert document["points"] and all(p["metrics"]["latency_ms"] <= 7.0 for p in document["points"])
+    assert all(study_dir.space.is_valid(p["config"]) for p in document["points"])
+    assert (study_dir.path / "report.md").exists() and (study_dir.path / "pareto.png").exists()
+    assert summary.hypervolume > 0
+
+
+def test_front_is_exactly_the_non_dominated_feasible_set(tmp_path):
+    study_dir = make_study(tmp_path, "random", trials=20, budget="latency=8ms")
+    summary = SearchRun(study_dir, FormulaPool(), progress=False).run()
+    feasible = [r for r in summary.records if r.feasible]
+
+    def dominates(a, b):
+        return (a.metrics["accuracy"] >= b.metrics["accuracy"] and a.metrics["latency_ms"] <= b.metrics["latency_ms"]
+                and (a.metrics["accuracy"] > b.metrics["accuracy"] or a.metrics["latency_ms"] < b.metrics["latency_ms"]))
+
+    expected = {r.config_hash for r in feasible if not any(dominates(o, r) for o in feasible)}
+    assert {r.config_hash for r in summary.front} == expected
+
+
+def test_constraints_are_visible_to_optuna(tmp_path):
+    study_dir = make_study(tmp_path, "optuna-nsga2", trials=6, budget="latency=5ms")
+    SearchRun(study_dir, FormulaPool(), progress=False).run()
+    for trial in complete_trials(study_dir):
+        violation = trial.user_attrs["constraints"][0]
+        assert violation == pytest.approx(trial.values[1] - 5.0)
+        assert trial.user_attrs["feasible"] == (violation <= 0)
+    assert study_dir.load().metric_names == ["accuracy", "latency_ms"]
+
+
+def test_impossible_budget_names_the_best_value(tmp_path):
+    study_dir = make_study(tmp_path, "random", trials=5, budget="latency=0.5ms")
+    with pytest.raises(BudgetError, match=r"latency_ms <= 0.5 ms \(best seen [0-9.]+ ms, trial \d+\)") as info:
+        SearchRun(study_dir, FormulaPool(), progress=False).run()
+    assert info.value.exit_code == 3
+    assert json.loads((study_dir.path / "pareto.json").read_text())["points"] == []
+
+
+def test_existing_study_is_never_overwritten(tmp_path):
+    make_study(tmp_path).load()
+    with pytest.raises(HwnasError, match="--resume"):
+        make_study(tmp_path)
+
+
+@pytest.mark.parametrize("optimizer", ["nsga2", "optuna-tpe"])
+def test_interrupt_then_resume_loses_and_repeats_nothing(tmp_path, optimizer):
+    study_dir = make_study(tmp_path, optimizer, trials=16)
+    first = FormulaPool(interrupt_after=7)  # the baseline is evaluation 1
+    with pytest.raises(Interrupted, match="--resume"):
+        SearchRun(study_dir, first, progress=False).run()
+    done_before = {t.number: t.values for t in complete_trials(study_dir)}
+    assert len(done_before) == 6
+
+    resumed_dir = StudyDir.open(study_dir.path)
+    second = FormulaPool()
+    SearchRun(resumed_dir, second, progress=False).run()
+    trials = complete_trials(resumed_dir)
+    assert len(trials) == 16
+    assert {t.number: t.values for t in trials if t.number in done_before} == done_before  # none lost
+    # nothing evaluated twice: neither the baseline nor any configuration finished before
+    assert not set(second.evaluated) & set(first.evaluated)
+    assert len(second.evaluated) == len(set(second.evaluated))
+
+
+def test_stale_running_trials_are_failed_on_resume(tmp_path):
+    study_dir = make_study(tmp_path, "random", trials=4)
+    SearchRun(study_dir, FormulaPool(), progress=False).run()
+    study = study_dir.load()
+    study.ask()  # a trial a killed driver left running
+    resumed = StudyDir.open(study_dir.path)
+    resumed.settings.trials = 6
+    SearchRun(resumed, FormulaPool(), progress=False).run()
+    states = [t.state for t in optuna.load_study(study_name="hwnas", storage=resumed.storage_url).trials]
+    assert states.count(TrialState.FAIL) == 1 and states.count(TrialState.COMPLETE) == 6
+
+
+def test_failed_evaluations_are_recorded_not_fatal(tmp_path):
+    class Flaky(FormulaPool):
+        def evaluate(self, configs):
+            for outcome in super().evaluate(configs):
+                if len(self.evaluated) % 3 == 0:
+                    yield Outcome(outcome.index, error="FloatingPointError: non-finite metric(s): accuracy")
+                else:
+                    yield outcome
+
+    study_dir = make_study(tmp_path, "optuna-tpe", trials=6)
+    SearchRun(study_dir, Flaky(), progress=False).run()
+    trials = study_dir.load().trials
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert failed and all("non-finite" in t.user_attrs["error"] for t in failed)
+    assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 6

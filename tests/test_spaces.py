@@ -1,0 +1,99 @@
+"""Search spaces: YAML loading and its errors, codecs for pymoo and Optuna, ordering repair, hashing."""
+
+import numpy as np
+import optuna
+import pytest
+
+from hwnas.errors import HwnasError
+from hwnas.spaces import config_hash, load_space, space_from_dict
+
+TOKENS = {
+    "name": "t",
+    "model": {"name": "digits-deit"},
+    "dimensions": [{"name": "keep", "transform": "token_keep", "targets": [1, 2, 3],
+                    "values": {"low": 0.5, "high": 1.0, "step": 0.1}, "order": "non_increasing"}],
+}
+
+
+def test_default_preset_loads_and_prints():
+    space = load_space()
+    assert space.names == ["keep.1", "keep.2", "keep.3", "keep.4", "keep.5"]
+    assert space.identity() == {f"keep.{i}": 1.0 for i in range(1, 6)}
+    assert "non-increasing" in space.describe()
+
+
+def test_range_values_are_exact_grid():
+    space = space_from_dict(TOKENS)
+    assert space.dimension("keep.1").values == (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def test_decode_repairs_ordering_and_encode_inverts():
+    space = space_from_dict(TOKENS)
+    config = space.decode([0, 5, 3])  # 0.5, 1.0, 0.8 -> running min
+    assert config == {"keep.1": 0.5, "keep.2": 0.5, "keep.3": 0.5}
+    valid = space.decode([5, 3, 1])
+    assert space.is_valid(valid)
+    assert np.array_equal(space.encode(valid), [5, 3, 1])
+
+
+def test_non_decreasing_inside_stages_only():
+    data = {**TOKENS, "dimensions": [{"name": "r", "transform": "window_ratio", "targets": [0, 1, 2, 3],
+                                      "values": [0.0, 0.1, 0.2], "order": "non_decreasing", "stages": [[0, 1], [2, 3]]}]}
+    space = space_from_dict(data)
+    repaired = space.repair({"r.0": 0.2, "r.1": 0.0, "r.2": 0.1, "r.3": 0.0})
+    assert repaired == {"r.0": 0.2, "r.1": 0.2, "r.2": 0.1, "r.3": 0.1}
+
+
+def test_optuna_distributions_and_suggest_respect_order():
+    space = space_from_dict(TOKENS)
+    dist = space.distributions()["keep.1"]
+    assert isinstance(dist, optuna.distributions.FloatDistribution) and dist.step == pytest.approx(0.1)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(20):
+        config = space.suggest(study.ask())
+        assert space.is_valid(config)
+        assert all(v in space.dimension(k).values for k, v in config.items())
+
+
+def test_categorical_for_irregular_values():
+    data = {**TOKENS, "dimensions": [{"name": "block_size", "transform": "block_size", "values": [16, 32, 64]}]}
+    dist = space_from_dict(data).distributions()["block_size"]
+    assert isinstance(dist, optuna.distributions.CategoricalDistribution)
+
+
+def test_hash_ignores_key_order_and_float_noise():
+    a = {"keep.1": 0.7, "keep.2": 0.5}
+    b = {"keep.2": 0.5, "keep.1": 0.7000000000000001}
+    assert config_hash(a) == config_hash(b)
+    assert config_hash(a) != config_hash({"keep.1": 0.7, "keep.2": 0.6})
+
+
+def test_validate_snaps_and_rejects_unknown():
+    space = space_from_dict(TOKENS)
+    assert space.validate({"keep.1": 0.7000001, "keep.2": 0.8, "keep.3": 0.5})["keep.2"] == 0.7
+    with pytest.raises(HwnasError, match="unknown dimension"):
+        space.validate({"keep.9": 0.5, "keep.1": 1.0, "keep.2": 1.0, "keep.3": 1.0})
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: [unclosed", "not valid YAML"),
+    ("- just\n- a list", "expected a mapping"),
+    ("name: x\nmodel: digits-deit\n", "dimensions: missing"),
+    ("name: x\nmodel: digits-deit\ncolour: red\ndimensions: []", "colour: unknown key"),
+    ("name: x\nmodel: digits-deit\ndimensions:\n - {name: k, transform: shrink, values: [1]}", "unknown transform 'shrink'"),
+    ("name: x\nmodel: digits-deit\ndimensions:\n - {name: k, transform: token_keep, values: {low: 1}}",
+     "dimensions\\[0\\].values"),
+    ("name: x\nmodel: digits-deit\ndimensions:\n - {name: k, transform: token_keep, targets: [1], values: [1.0], order: up}",
+     "dimensions\\[0\\].order"),
+])
+def test_yaml_errors_name_file_and_key(tmp_path, text, message):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    with pytest.raises(HwnasError, match=message) as info:
+        load_space(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_file_or_preset():
+    with pytest.raises(HwnasError, match="neither a YAML file nor a preset"):
+        load_space("no-such-space")
