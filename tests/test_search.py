@@ -84,7 +84,7 @@ def test_constraints_are_visible_to_optuna(tmp_path):
     study_dir = make_study(tmp_path, "optuna-nsga2", trials=6, budget="latency=5ms")
     SearchRun(study_dir, FormulaPool(), progress=False).run()
     for trial in complete_trials(study_dir):
-        violation = trial.user_attrs["constraints"][0]
+        violation = trial.constraints["latency_ms"]
         assert violation == pytest.approx(trial.values[1] - 5.0)
         assert trial.user_attrs["feasible"] == (violation <= 0)
     assert study_dir.load().metric_names == ["accuracy", "latency_ms"]

@@ -10,7 +10,6 @@ import argparse
 import datetime as _dt
 import os
 import sys
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -66,21 +65,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console(stderr=True)
     try:
         return COMMANDS[args.command](args)
     except HwnasError as exc:
-        console.print(f"search: error: {exc}", markup=False, highlight=False)
+        _say(f"search: error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
-        console.print("search: interrupted")
+        _say("search: interrupted")
         return 130
     except Exception as exc:  # an internal error: one line unless debugging
         if os.environ.get("HWNAS_DEBUG"):
             raise
-        console.print(f"search: internal error: {type(exc).__name__}: {exc} (set HWNAS_DEBUG=1 for the traceback)",
-                      markup=False, highlight=False)
+        _say(f"search: internal error: {type(exc).__name__}: {exc} (set HWNAS_DEBUG=1 for the traceback)")
         return 1
+
+
+def _say(line: str) -> None:
+    """One unwrapped line on stderr."""
+    print(" ".join(line.split()), file=sys.stderr, flush=True)
 
 
 # ---- commands ---------------------------------------------------------------------------------

@@ -23,8 +23,6 @@ from pymoo.operators.sampling.rnd import IntegerRandomSampling
 from hwnas.errors import HwnasError
 from hwnas.spaces import Config, Space, config_hash
 
-CONSTRAINTS_ATTR = "constraints"
-
 
 @dataclass
 class Proposal:
@@ -39,11 +37,6 @@ class Proposal:
     @property
     def config_hash(self) -> str:
         return config_hash(self.config)
-
-
-def constraints_of(trial: optuna.trial.FrozenTrial) -> list[float]:
-    """Optuna's ``constraints_func``: the budget violations stored on the trial."""
-    return trial.user_attrs.get(CONSTRAINTS_ATTR, [])
 
 
 class OptunaOptimizer:
@@ -124,16 +117,18 @@ OPTIMIZERS = ("nsga2", "optuna-nsga2", "optuna-tpe", "random")
 
 def make_optimizer(name: str, space: Space, n_objectives: int, n_constraints: int, population: int, seed: int,
                    initial: list[tuple[Config, np.ndarray, np.ndarray]] | None = None):
-    """The optimizer named on the command line. ``seed`` is already offset for resumed studies."""
-    constraints = constraints_of if n_constraints else None
+    """The optimizer named on the command line. ``seed`` is already offset for resumed studies.
+
+    Optuna's samplers read the budget from each trial's constraints (``Trial.set_constraint``).
+    """
     if name == "nsga2":
         return PymooNSGA2(space, n_objectives, n_constraints, population, seed, initial)
     if name == "optuna-nsga2":
         return OptunaOptimizer(optuna.samplers.NSGAIISampler(
-            population_size=population, seed=seed, constraints_func=constraints), space)
+            population_size=population, seed=seed), space)
     if name == "optuna-tpe":
         return OptunaOptimizer(optuna.samplers.TPESampler(
-            seed=seed, multivariate=True, n_startup_trials=population, constraints_func=constraints), space)
+            seed=seed, multivariate=True, n_startup_trials=population), space)
     if name == "random":
         return OptunaOptimizer(optuna.samplers.RandomSampler(seed=seed), space)
     raise HwnasError(f"unknown optimizer '{name}' (known: {', '.join(OPTIMIZERS)})")

@@ -62,9 +62,16 @@ def front_table(document: dict, title: str | None = None) -> Table:
 
 
 def _short_config(config: dict, identity: dict) -> str:
-    """Only the variables that differ from the unpruned model."""
-    changed = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items() if identity.get(k) != v]
-    return " ".join(changed) or "(unpruned)"
+    """Variables grouped by dimension (``keep=0.9/0.8/0.7``); groups equal to the unpruned model are left out."""
+    groups: dict[str, list[tuple[str, object]]] = {}
+    for name, value in config.items():
+        groups.setdefault(name.split(".", 1)[0], []).append((name, value))
+    parts = []
+    for prefix, items in groups.items():
+        if all(identity.get(name) == value for name, value in items):
+            continue
+        parts.append(f"{prefix}=" + "/".join(f"{v:g}" if isinstance(v, float) else str(v) for _, v in items))
+    return " ".join(parts) or "(unpruned)"
 
 
 def write_report(study_dir, records: list[Record], front: list[Record], baseline: dict, hv: float) -> Path:

@@ -7,7 +7,6 @@ failed with the reason ``interrupted``); ``--resume`` then continues to the same
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,12 +17,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from hwnas.errors import BudgetError, HwnasError
 from hwnas.search.objectives import format_metric
-from hwnas.search.optimizers import CONSTRAINTS_ATTR, Proposal, PymooNSGA2, make_optimizer
+from hwnas.search.optimizers import Proposal, PymooNSGA2, make_optimizer
 from hwnas.search.pareto import Record, hypervolume, pareto_front
 from hwnas.search.report import write_pareto, write_report
 from hwnas.search.study import StudyDir
-
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 FAILED_VALUE = 1e18  # what pymoo sees for a candidate whose evaluation failed
 MAX_STALLED_BATCHES = 5
@@ -168,7 +165,8 @@ class SearchRun:
         proposal.constraints = self.budget.constraints(metrics, self.baseline["metrics"])
         feasible = all(c <= 0 for c in proposal.constraints)
         trial.set_user_attr("metrics", metrics)
-        trial.set_user_attr(CONSTRAINTS_ATTR, proposal.constraints)
+        for metric, violation in zip(self.budget.limits, proposal.constraints):
+            trial.set_constraint(metric, violation)
         trial.set_user_attr("feasible", feasible)
         trial.set_user_attr("device", self.baseline.get("device"))
         self.study.tell(trial, values=[metrics[o.metric] for o in self.objectives])

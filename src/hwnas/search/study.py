@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -99,7 +100,9 @@ class StudyDir:
             storage=self.storage_url, study_name=STUDY_NAME, sampler=sampler, load_if_exists=True,
             directions=[o.optuna_direction for o in self.objectives])
         if study.metric_names is None:
-            study.set_metric_names([o.metric for o in self.objectives])
+            with warnings.catch_warnings():  # experimental in Optuna, used by optuna-dashboard
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names([o.metric for o in self.objectives])
         return study
 
     # ---- reading results ----------------------------------------------------------------------

@@ -1,0 +1,318 @@
+"""Block-sparse linear layers (LPViT block pruning): the BSR weight format and its kernels.
+
+A linear weight ``[out, in]`` pruned in square b×b blocks is stored in BSR form (``BsrWeight``):
+the kept blocks ``[nnz, b, b]`` in block-row order, their block-column indices and the
+block-row offsets (``crow``). ``bsr_linear`` is the Triton kernel: each program computes
+BLOCK_M tokens × one b-wide block-row of output features, looping over that block-row's kept
+blocks (fp32 accumulation, bias fused in the epilogue, BLOCK_M and warps/stages autotuned per
+problem size). ``bsr_linear_reference`` is the dense masked matmul it must match.
+
+``BlockSparseLinear`` holds the BSR weight as buffers; on CUDA it runs the Triton kernel, on the
+CPU the implementation that ``calibrate`` measured fastest for this layer:
+
+* ``dense``: ``F.linear`` with the zero-filled dense weight (the default: never slower than dense);
+* ``gather``: per block-row, gather the input columns of its kept blocks, one matmul;
+* ``torch_bsr``: PyTorch's BSR tensor times the transposed input.
+
+Measured on 2 cores (fp32, DeiT-B shapes, 197 to 12608 tokens) no path wins everywhere: dense
+mostly wins at 50% sparsity, and which sparse path is ahead at 75-90% changes with the shape,
+the token count and the block size, hence the per-layer measurement.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hwnas.evaluators.latency import Timing, measure
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton ships for Linux x86-64 only
+    triton = None
+
+CPU_IMPLS = ("dense", "gather", "torch_bsr")
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class BsrWeight:
+    """A ``[out, in]`` weight as kept b×b blocks in block-row order (block compressed sparse rows)."""
+
+    blocks: Tensor  # [nnz, b, b]
+    col_indices: Tensor  # [nnz] int32, block-column of each block
+    row_offsets: Tensor  # [out/b + 1] int32, blocks of block-row r are row_offsets[r]:row_offsets[r+1]
+    shape: tuple[int, int]
+    block: int
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, block_mask: Tensor) -> BsrWeight:
+        """The blocks of ``weight`` where ``block_mask`` (bool ``[out/b, in/b]``, True = kept) is set."""
+        out, inp = weight.shape
+        rows, cols = block_mask.shape
+        block = out // rows
+        if rows * block != out or cols * block != inp or block == 0:
+            raise ValueError(f"block mask {tuple(block_mask.shape)} does not tile a {out}x{inp} weight in b×b blocks")
+        mask = block_mask.to(device=weight.device, dtype=torch.bool)
+        blocks = weight.detach().reshape(rows, block, cols, block).permute(0, 2, 1, 3)[mask].contiguous()
+        counts = mask.sum(1, dtype=torch.int32)
+        row_offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0, dtype=torch.int32)])
+        col_indices = mask.nonzero()[:, 1].to(torch.int32)
+        return cls(blocks, col_indices, row_offsets, (out, inp), block)
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Tensor]) -> BsrWeight:
+        """Inverse of ``state``."""
+        blocks, cols, rows = state["blocks"], state["col_indices"].to(torch.int32), state["row_offsets"].to(torch.int32)
+        out, inp = (int(v) for v in state["shape"])
+        return cls(blocks, cols, rows, (out, inp), blocks.shape[-1])
+
+    def state(self) -> dict[str, Tensor]:
+        """Plain tensors (blocks, indices, shape) for safetensors; no dense weight."""
+        return {
+            "blocks": self.blocks,
+            "col_indices": self.col_indices,
+            "row_offsets": self.row_offsets,
+            "shape": torch.tensor(self.shape, dtype=torch.int64),
+        }
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.shape[0] // self.block, self.shape[1] // self.block
+
+    def block_rows(self) -> Tensor:
+        """Block-row of each kept block, ``[nnz]`` int64."""
+        counts = self.row_offsets.diff().long()
+        return torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+
+    def block_mask(self) -> Tensor:
+        """Bool ``[out/b, in/b]``, True where a block is kept."""
+        mask = torch.zeros(self.grid, dtype=torch.bool, device=self.blocks.device)
+        mask[self.block_rows(), self.col_indices.long()] = True
+        return mask
+
+    def to_dense(self) -> Tensor:
+        """The ``[out, in]`` weight with removed blocks as zeros."""
+        rows, cols = self.grid
+        b = self.block
+        dense = self.blocks.new_zeros(rows, cols, b, b)
+        dense[self.block_rows(), self.col_indices.long()] = self.blocks
+        return dense.permute(0, 2, 1, 3).reshape(self.shape)
+
+
+def bsr_linear_reference(x: Tensor, weight: BsrWeight, bias: Tensor | None = None) -> Tensor:
+    """``x @ W^T + bias`` with the dense masked weight: what every path must match."""
+    return F.linear(x, weight.to_dense().to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def triton_available(device: torch.device | str = "cuda") -> bool:
+    """Whether ``bsr_linear`` can run on ``device``: Triton installed, and CUDA or the interpreter."""
+    return triton is not None and (_INTERPRET or (torch.device(device).type == "cuda" and torch.cuda.is_available()))
+
+
+if triton is not None:
+
+    def _configs() -> list[triton.Config]:
+        if _INTERPRET:
+            return [triton.Config({"BLOCK_M": 64})]
+        shapes = ((16, 4, 2), (32, 4, 3), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (128, 8, 4), (256, 8, 3))
+        return [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s) for m, w, s in shapes]
+
+    @triton.autotune(configs=_configs(), key=["M", "N", "K", "B"])
+    @triton.jit
+    def _bsr_linear_kernel(
+        x_ptr, blocks_ptr, col_ptr, row_ptr, bias_ptr, y_ptr,
+        M, N, K, stride_xm, stride_ym,
+        B: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0)  # block-rows vary fastest: programs running together share x tiles
+        offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_b = tl.arange(0, B)
+        in_m = offs_m < M
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+        start, end = tl.load(row_ptr + row), tl.load(row_ptr + row + 1)
+        w_ptrs = blocks_ptr + start.to(tl.int64) * B * B + offs_b[:, None] * B + offs_b[None, :]
+        acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
+        for i in range(start, end):
+            col = tl.load(col_ptr + i)
+            x = tl.load(x_rows + (col * B + offs_b)[None, :], mask=in_m[:, None], other=0.0)
+            w = tl.load(w_ptrs)
+            if UPCAST:
+                x, w = x.to(tl.float32), w.to(tl.float32)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+            w_ptrs += B * B
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + row * B + offs_b).to(tl.float32)[None, :]
+        y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + (row * B + offs_b)[None, :]
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=in_m[:, None])
+
+
+def bsr_linear(x: Tensor, weight: BsrWeight, bias: Tensor | None = None) -> Tensor:
+    """``x @ W^T + bias`` for dense ``x [..., in]`` and block-sparse ``W``, with the Triton kernel.
+
+    ``x``, the blocks and the bias must share a dtype (fp32, fp16 or bf16) and a device; fp32
+    uses TF32 tensor cores only when ``torch.backends.cuda.matmul.allow_tf32`` is set, as
+    ``F.linear`` does.
+    """
+    if triton is None:
+        raise RuntimeError("bsr_linear needs Triton, which is not installed")
+    out, inp = weight.shape
+    if x.shape[-1] != inp:
+        raise ValueError(f"input has {x.shape[-1]} features, the weight expects {inp}")
+    for t in (weight.blocks, bias):
+        if t is not None and (t.dtype, t.device) != (x.dtype, x.device):
+            raise ValueError(f"dtype/device mismatch: input {x.dtype} on {x.device}, weight {t.dtype} on {t.device}")
+    x2 = x.reshape(-1, inp)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = x.new_empty(x2.shape[0], out)
+    if y.numel():
+        b = weight.block
+        blocks, cols, rows = (t.contiguous() for t in (weight.blocks, weight.col_indices, weight.row_offsets))
+        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        grid = lambda meta: (out // b, triton.cdiv(x2.shape[0], meta["BLOCK_M"]))  # noqa: E731
+        _bsr_linear_kernel[grid](
+            x2, blocks, cols, rows, y if bias is None else bias.contiguous(), y,
+            x2.shape[0], out, inp, x2.stride(0), y.stride(0),
+            B=b, HAS_BIAS=bias is not None, PRECISION=precision,
+            UPCAST=_INTERPRET and x.dtype == torch.bfloat16,  # the interpreter's dot multiplies bf16 bit patterns
+        )  # fmt: skip
+    return y.reshape(*x.shape[:-1], out)
+
+
+class BlockSparseLinear(nn.Module):
+    """``nn.Linear`` with a block-sparse weight: Triton on CUDA, the calibrated path on the CPU.
+
+    The state dict holds ``BsrWeight.state()`` (blocks, indices, shape) and ``bias``; the CPU
+    path in use is ``cpu_impl`` (one of ``CPU_IMPLS``), set by ``calibrate``.
+    """
+
+    def __init__(self, weight: BsrWeight, bias: Tensor | None = None, cpu_impl: str = "dense"):
+        super().__init__()
+        if cpu_impl not in CPU_IMPLS:
+            raise ValueError(f"cpu_impl must be one of {CPU_IMPLS}, got {cpu_impl!r}")
+        self.out_features, self.in_features = weight.shape
+        self.block = weight.block
+        for name, tensor in weight.state().items():
+            self.register_buffer(name, tensor)
+        self.register_buffer("bias", bias.detach().clone() if bias is not None else None)
+        self.cpu_impl = cpu_impl
+        self._cache: dict[str, tuple[tuple, object]] = {}
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, block_mask: Tensor, block: int) -> BlockSparseLinear:
+        """Keep the b×b blocks of ``linear.weight`` where ``block_mask`` is set (``block`` = b)."""
+        if tuple(block_mask.shape) != (linear.out_features // block, linear.in_features // block):
+            raise ValueError(f"block mask {tuple(block_mask.shape)} does not match {linear} with block {block}")
+        return cls(BsrWeight.from_dense(linear.weight, block_mask), linear.bias)
+
+    @property
+    def weight(self) -> BsrWeight:
+        shape = (self.out_features, self.in_features)
+        return BsrWeight(self.blocks, self.col_indices, self.row_offsets, shape, self.block)
+
+    def extra_repr(self) -> str:
+        density = self.blocks.shape[0] / (self.out_features * self.in_features / self.block**2)
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, block={self.block}, "
+            f"density={density:.3f}, bias={self.bias is not None}, cpu_impl={self.cpu_impl}"
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.is_cuda:
+            return bsr_linear(x, self.weight, self.bias)
+        return self.cpu_forward(x, self.cpu_impl)
+
+    def cpu_forward(self, x: Tensor, impl: str) -> Tensor:
+        """The output of CPU implementation ``impl``."""
+        x2 = x.reshape(-1, self.in_features)
+        if impl == "dense":
+            y = F.linear(x2, self._prepared("dense"), self.bias)
+        elif impl == "gather":
+            y = self._gather(x2)
+        elif impl == "torch_bsr":
+            sparse = self._prepared("torch_bsr")
+            y = (sparse @ x2.T if self.bias is None else torch.addmm(self.bias[:, None], sparse, x2.T)).T
+        else:
+            raise ValueError(f"unknown CPU implementation {impl!r}")
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    @torch.no_grad()
+    def calibrate(
+        self, x_example: Tensor, warmup: int = 2, repeats: int = 7, margin: float = 0.05
+    ) -> dict[str, Timing]:
+        """Time every CPU implementation on ``x_example``; keep the fastest median as ``cpu_impl``.
+
+        A sparse path replaces ``dense`` only when its median is lower by more than ``margin``
+        (relative), so timing noise does not trade dense for an equal or slower path.
+        Implementations PyTorch does not support for this dtype are left out. Returns the timings.
+        """
+        if x_example.device.type != "cpu":
+            raise ValueError("calibrate measures the CPU paths: give a CPU example input")
+        timings = {}
+        for impl in CPU_IMPLS:
+            try:
+                timings[impl] = measure(lambda: self.cpu_forward(x_example, impl), "cpu", warmup, repeats)
+            except RuntimeError:  # e.g. torch_bsr in fp16: not implemented on the CPU
+                self._cache.pop(impl, None)
+        best = min(timings, key=lambda impl: timings[impl].median_ms)
+        faster = timings[best].median_ms < (1 - margin) * timings["dense"].median_ms
+        self.cpu_impl = best if faster else "dense"
+        self._cache = {k: v for k, v in self._cache.items() if k == self.cpu_impl}
+        return timings
+
+    def _gather(self, x2: Tensor) -> Tensor:
+        b = self.block
+        x3 = x2.reshape(len(x2), -1, b)
+        y = x2.new_empty(len(x2), self.out_features // b, b)
+        for r, (cols, w) in enumerate(self._prepared("gather")):
+            if cols.numel():
+                y[:, r] = x3[:, cols].reshape(len(x2), -1) @ w
+            else:
+                y[:, r].zero_()
+        y = y.reshape(len(x2), self.out_features)
+        return y if self.bias is None else y.add_(self.bias)
+
+    def _prepared(self, impl: str):
+        """The operand ``impl`` runs on, built once per state of the buffers (device, dtype, values)."""
+        blocks = self.blocks
+        key = (blocks.data_ptr(), 0 if blocks.is_inference() else blocks._version, blocks.dtype, blocks.device)
+        cached = self._cache.get(impl)
+        if cached is None or cached[0] != key:
+            with torch.no_grad(), torch.inference_mode(False):  # usable in and out of inference mode
+                cached = key, _BUILDERS[impl](self.weight)
+            self._cache[impl] = cached
+        return cached[1]
+
+
+def _gather_operands(weight: BsrWeight) -> list[tuple[Tensor, Tensor]]:
+    """Per block-row: the block-columns of its kept blocks and their weights as ``[nnz_r·b, b]``."""
+    b, offsets = weight.block, weight.row_offsets.tolist()
+    cols = weight.col_indices.long()
+    return [
+        (cols[s:e], weight.blocks[s:e].permute(0, 2, 1).reshape(-1, b).contiguous())
+        for s, e in zip(offsets[:-1], offsets[1:])
+    ]
+
+
+def _torch_bsr(weight: BsrWeight) -> Tensor:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse BSR tensor support is in beta")
+        return torch.sparse_bsr_tensor(
+            weight.row_offsets, weight.col_indices, weight.blocks, weight.shape, check_invariants=False
+        )
+
+
+_BUILDERS: dict[str, Callable[[BsrWeight], object]] = {
+    "dense": BsrWeight.to_dense,
+    "gather": _gather_operands,
+    "torch_bsr": _torch_bsr,
+}

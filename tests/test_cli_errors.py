@@ -1,0 +1,73 @@
+"""Bad input on the command line: one clear line on stderr, a non-zero exit, never a traceback."""
+
+import json
+
+import pytest
+
+from hwnas.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+def assert_one_line(err: str, expected: str):
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert "Traceback" not in err
+    assert lines and expected in lines[-1], err
+    assert lines[-1].startswith("search: error:"), err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["run", "missing.yaml", "--out", "{tmp}/a"], "neither a YAML file nor a preset"),
+    (["run", "--budget", "latency=fast", "--out", "{tmp}/a"], "malformed budget 'latency=fast'"),
+    (["run", "--budget", "speed=1ms", "--out", "{tmp}/a"], "unknown budget 'speed'"),
+    (["run", "--optimizer", "annealing", "--out", "{tmp}/a"], "unknown optimizer 'annealing'"),
+    (["run", "--objectives", "accuracy,beauty", "--out", "{tmp}/a"], "unknown objective 'beauty'"),
+    (["run", "--device", "tpu", "--out", "{tmp}/a", "--workers", "0"], "unknown device 'tpu'"),
+    (["run", "--resume", "{tmp}/nothing"], "is not a study directory"),
+    (["show", "{tmp}"], "has no pareto.json"),
+    (["export", "{tmp}", "-o", "{tmp}/out"], "is not a study directory"),
+    (["eval", "{tmp}"], "is not an hwnas export"),
+])
+def test_bad_arguments(capsys, tmp_path, argv, expected):
+    code, err = run_cli(capsys, *[a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert code == 2
+    assert_one_line(err, expected)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("name: [oops", "not valid YAML"),
+    ("name: x\nmodel: {name: not_a_model_at_all}\ndimensions:\n - {name: k, transform: token_keep, targets: [1], values: [0.5, 1.0]}",
+     "unknown model 'not_a_model_at_all'"),
+    ("name: x\nmodel: digits-deit\ndimensions:\n - {name: k, transform: tokenkeep, values: [1.0]}",
+     "unknown transform 'tokenkeep'"),
+    ("name: x\nmodel: digits-deit\ndimensions:\n - {name: k, transform: token_keep, targets: [0], values: [0.5, 1.0]}",
+     "block 0 has no earlier attention"),
+    ("name: x\nmodel: digits-deit\ndimensions:\n - {name: k, transform: token_keep, targets: [40], values: [0.5, 1.0]}",
+     "not a block index"),
+])
+def test_bad_space_files(capsys, tmp_path, text, expected):
+    space = tmp_path / "space.yaml"
+    space.write_text(text)
+    code, err = run_cli(capsys, "run", str(space), "--out", str(tmp_path / "study"), "--workers", "0")
+    assert code == 2
+    assert_one_line(err, expected)
+    assert not (tmp_path / "study").exists()  # nothing created for a bad request
+
+
+def test_corrupted_export(capsys, tmp_path):
+    (tmp_path / "hwnas.json").write_text("{not json")
+    code, err = run_cli(capsys, "eval", str(tmp_path))
+    assert code == 2
+    assert_one_line(err, "hwnas.json is damaged")
+    (tmp_path / "hwnas.json").write_text(json.dumps({
+        "format": "hwnas-export/1", "model": {"name": "digits-deit"}, "config": {"keep.1": 1.0},
+        "space": {"name": "x", "model": {"name": "digits-deit"},
+                  "dimensions": [{"name": "keep", "transform": "token_keep", "targets": [1], "values": [0.5, 1.0]}]}}))
+    (tmp_path / "model.safetensors").write_bytes(b"\x00garbage")
+    code, err = run_cli(capsys, "eval", str(tmp_path))
+    assert code == 2
+    assert_one_line(err, "model.safetensors is damaged")
