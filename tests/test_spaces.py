@@ -17,8 +17,11 @@ TOKENS = {
 
 def test_default_preset_loads_and_prints():
     space = load_space()
-    assert space.names == ["keep.1", "keep.2", "keep.3", "keep.4", "keep.5"]
-    assert space.identity() == {f"keep.{i}": 1.0 for i in range(1, 6)}
+    kinds = ["qkv", "proj", "fc1", "fc2"]
+    assert space.names == [f"keep.{i}" for i in range(1, 6)] + [f"sparsity.{k}" for k in kinds] + ["block"]
+    assert space.identity() == {**{f"keep.{i}": 1.0 for i in range(1, 6)}, **{f"sparsity.{k}": 0.0 for k in kinds},
+                                "block": 16}
+    assert space.dimension("sparsity.fc1").target == "*.mlp.fc1"
     assert "non-increasing" in space.describe()
 
 
@@ -29,8 +32,8 @@ def test_range_values_are_exact_grid():
 
 def test_decode_repairs_ordering_and_encode_inverts():
     space = space_from_dict(TOKENS)
-    config = space.decode([0, 5, 3])  # 0.5, 1.0, 0.8 -> running min
-    assert config == {"keep.1": 0.5, "keep.2": 0.5, "keep.3": 0.5}
+    config = space.decode([0, 5, 3])  # 0.5, 1.0, 0.8 -> sorted into non-increasing order
+    assert config == {"keep.1": 1.0, "keep.2": 0.8, "keep.3": 0.5}
     valid = space.decode([5, 3, 1])
     assert space.is_valid(valid)
     assert np.array_equal(space.encode(valid), [5, 3, 1])
@@ -41,7 +44,7 @@ def test_non_decreasing_inside_stages_only():
                                       "values": [0.0, 0.1, 0.2], "order": "non_decreasing", "stages": [[0, 1], [2, 3]]}]}
     space = space_from_dict(data)
     repaired = space.repair({"r.0": 0.2, "r.1": 0.0, "r.2": 0.1, "r.3": 0.0})
-    assert repaired == {"r.0": 0.2, "r.1": 0.2, "r.2": 0.1, "r.3": 0.1}
+    assert repaired == {"r.0": 0.0, "r.1": 0.2, "r.2": 0.0, "r.3": 0.1}
 
 
 def test_optuna_distributions_and_suggest_respect_order():

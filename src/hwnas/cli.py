@@ -16,7 +16,7 @@ from rich.table import Table
 
 from hwnas.errors import HwnasError
 
-BENCHES = ("tokens",)
+BENCHES = ("tokens", "prune", "kernels", "models")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _stdout() -> Console:
+    """Console for tables: the terminal's width, or 160 columns when piped to a file or a log."""
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
 def _say(line: str) -> None:
     """One unwrapped line on stderr."""
     print(" ".join(line.split()), file=sys.stderr, flush=True)
@@ -128,7 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         summary = SearchRun(study_dir, pool, console, progress=not args.no_progress).run()
     finally:
         pool.close()
-    Console().print(front_table(read_pareto(study_dir.path)))
+    _stdout().print(front_table(read_pareto(study_dir.path)))
     console.print(f"hypervolume {summary.hypervolume:.4f} · {len(summary.front)} Pareto point(s) · "
                   f"{study_dir.path}/pareto.json · {study_dir.path}/report.md", markup=False)
     console.print(f"export one: search export {study_dir.path} --pick latency -o OUT", markup=False)
@@ -138,7 +144,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _validate(space, settings) -> None:
     """Fail fast, before any model is trained or Ray started, on settings that cannot work."""
     from hwnas.models.registry import build_arch
-    from hwnas.pruning.apply import apply_config
+    from hwnas.pruning.apply import check_space
     from hwnas.search.optimizers import OPTIMIZERS
 
     settings.parsed_objectives()
@@ -149,11 +155,7 @@ def _validate(space, settings) -> None:
         raise HwnasError("--trials must be at least 1")
     if settings.workers < 0:
         raise HwnasError("--workers must be 0 (in-process) or more")
-    arch = build_arch(space.model)
-    # every transform binds to this architecture: targets exist, values are in range
-    low, high = space.bounds()
-    for vector in (low, high):
-        apply_config(arch, space, space.decode(vector))
+    check_space(build_arch(space.model), space)
 
 
 def _prepare_model(space) -> None:
@@ -169,7 +171,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from hwnas.search.study import read_pareto
 
     document = read_pareto(args.dir)
-    console = Console()
+    console = _stdout()
     console.print(front_table(document))
     console.print(f"{document['trials']['complete']} trials, {document['trials']['feasible']} feasible; "
                   f"budget {document['budget'] or 'none'}; hypervolume {document.get('hypervolume', 0):.4f}")
@@ -200,7 +202,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             continue
         before = recorded.get(metric)
         table.add_row(metric, "-" if before is None else format_metric(metric, before), format_metric(metric, value))
-    Console().print(table)
+    _stdout().print(table)
     return 0
 
 
@@ -212,7 +214,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     module = importlib.import_module(f"hwnas.bench.{args.name}")
     results = module.run(device=args.device, quick=args.quick)
     path = write_record(bench_record(args.name, args.device, results), args.json)
-    Console().print(module.summary(results))
+    _stdout().print(module.summary(results))
     Console(stderr=True).print(f"wrote {len(results)} measurements to {path}", markup=False)
     return 0
 

@@ -13,6 +13,8 @@ from hwnas.evaluators.latency import device_name, measure
 from hwnas.evaluators.metrics import accuracy, count_flops, count_params, fidelity_kl, predict_logits
 from hwnas.models.registry import load_model
 from hwnas.pruning.apply import apply_config
+from hwnas.pruning.block_layers import calibrate_block_sparse
+from hwnas.pruning.block_pruner import BlockPruner
 from hwnas.spaces import Config, Space
 
 DEFAULT_MEASURE = {"batch_size": 64, "warmup": 3, "repeats": 15, "threads": None, "dtype": "float32"}
@@ -38,6 +40,7 @@ class Evaluator:
         self.data = load_eval_data(space.data, space.model, self.model)
         self.dense_calib_logits = predict_logits(self.model, self.data.calib_x)
         self.latency_input = _batch_of(self.data.test_x, int(self.settings["batch_size"]))
+        self.pruner = BlockPruner(self.model, self.data.calib_x, progress=progress)
 
     def info(self) -> dict:
         """Where and how measurements are taken."""
@@ -46,7 +49,7 @@ class Evaluator:
 
     def evaluate(self, config: Config) -> dict[str, float]:
         """All metrics of one configuration. Raises if any metric is not finite."""
-        model = apply_config(self.model, self.space, config)
+        model = apply_config(self.model, self.space, config, self.pruner)
         return self.measure_model(model)
 
     def measure_model(self, model: torch.nn.Module) -> dict[str, float]:
@@ -62,6 +65,8 @@ class Evaluator:
 
         model = model.to(self.device, self.dtype)
         x = self.latency_input.to(self.device, self.dtype)
+        if self.device.type == "cpu":
+            calibrate_block_sparse(model, x)  # each block-sparse layer picks its faster CPU path
         timing = measure(lambda: model(x), self.device, int(self.settings["warmup"]), int(self.settings["repeats"]))
         metrics.update(latency_ms=timing.median_ms, latency_ms_min=timing.min_ms, latency_ms_max=timing.max_ms)
         if self.energy:

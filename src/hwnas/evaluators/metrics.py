@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from hwnas.kernels.block_sparse import BlockSparseLinear
+
 
 @torch.inference_mode()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -30,17 +32,29 @@ def fidelity_kl(dense_logits: torch.Tensor, logits: torch.Tensor) -> float:
 
 @torch.inference_mode()
 def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """FLOPs of one forward pass on one image, counted by PyTorch's FlopCounterMode."""
-    param = next(model.parameters())
-    x = torch.zeros((1, *input_shape), device=param.device, dtype=param.dtype)
-    with FlopCounterMode(display=False) as counter:
-        model(x)
+    """FLOPs of one forward pass on one image (CPU), counted by PyTorch's FlopCounterMode.
+
+    Block-sparse layers are counted on their gather path, which multiplies kept blocks only.
+    """
+    sparse = [m for m in model.modules() if isinstance(m, BlockSparseLinear)]
+    chosen = [m.cpu_impl for m in sparse]
+    for layer in sparse:
+        layer.cpu_impl = "gather"
+    try:
+        x = torch.zeros((1, *input_shape))
+        with FlopCounterMode(display=False) as counter, torch.inference_mode():
+            model(x)
+    finally:
+        for layer, impl in zip(sparse, chosen):
+            layer.cpu_impl = impl
     return int(counter.get_total_flops())
 
 
 def count_params(model: nn.Module) -> int:
-    """Stored non-zero weights: parameters plus block-sparse value buffers (pruned blocks do not count)."""
+    """Stored non-zero weights: parameters plus the kept blocks of block-sparse layers."""
     total = sum(int(torch.count_nonzero(p)) for p in model.parameters())
-    total += sum(int(torch.count_nonzero(b)) for name, b in model.named_buffers()
-                 if name.endswith(".values") and b.is_floating_point())
+    for layer in model.modules():
+        if isinstance(layer, BlockSparseLinear):
+            total += int(torch.count_nonzero(layer.blocks))
+            total += 0 if layer.bias is None else int(torch.count_nonzero(layer.bias))
     return total

@@ -1,9 +1,11 @@
 """Export a study's chosen point as a deployable model, and load it back.
 
-``OUT/model.safetensors`` holds the pruned model's state dict; ``OUT/hwnas.json`` says how to
-rebuild its structure (base model, space, configuration) and what the study measured, on which
-hardware. ``load(OUT)`` builds the architecture, applies the same structural transforms and
-loads the weights (strictly), so the result computes what the evaluated candidate computed.
+``OUT/model.safetensors`` holds the pruned model's state dict — block-sparse layers compactly,
+as their kept b×b blocks plus BSR indices; ``OUT/hwnas.json`` says how to rebuild its structure
+(base model, space, configuration, block-sparse layers and their CPU paths) and what the study
+measured, on which hardware. ``load(OUT)`` builds the architecture, applies the same structural
+transforms, puts block-sparse kernel layers where the export has them and loads the weights
+(strictly), so the result computes what the evaluated candidate computed.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ from pathlib import Path
 
 import safetensors.torch
 from optuna.trial import TrialState
-from torch import nn
+from torch import Tensor, nn
 
 import hwnas
 from hwnas.errors import HwnasError
-from hwnas.models.registry import build_arch, load_model
-from hwnas.pruning.apply import apply_config
+from hwnas.evaluators.evaluator import Evaluator
+from hwnas.kernels.block_sparse import BlockSparseLinear, BsrWeight
+from hwnas.models.registry import build_arch
+from hwnas.pruning.apply import apply_config, apply_structure
+from hwnas.pruning.block_layers import calibrate_block_sparse
 from hwnas.search.study import StudyDir, read_pareto
 from hwnas.spaces import space_from_dict
 
@@ -56,7 +61,9 @@ def export_model(study_path: str | Path, out: str | Path, trial: int | None = No
     study_dir = StudyDir.open(study_path)
     chosen = choose_trial(study_dir, trial, pick)
     space = study_dir.space
-    model = apply_config(load_model(space.model), space, chosen["config"])
+    evaluator = Evaluator(space)  # the study's model, data and pruned-weight databases
+    model = apply_config(evaluator.model, space, chosen["config"], evaluator.pruner)
+    block_layers = calibrate_block_sparse(model, evaluator.latency_input)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -68,6 +75,7 @@ def export_model(study_path: str | Path, out: str | Path, trial: int | None = No
         "model": space.model,
         "space": space.source,
         "config": chosen["config"],
+        "block_layers": block_layers,
         "study": str(study_dir.path.resolve()),
         "trial": chosen["trial"],
         "feasible": chosen["feasible"],
@@ -102,14 +110,26 @@ def load(path: str | Path) -> nn.Module:
     if not weights.is_file():
         raise HwnasError(f"{path} is damaged: model.safetensors is missing")
     space = space_from_dict(manifest["space"], origin=str(Path(path) / "hwnas.json"))
-    model = apply_config(build_arch(manifest["model"]), space, manifest["config"])
+    model = apply_structure(build_arch(manifest["model"]), space, manifest["config"])
     try:
         state = safetensors.torch.load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error types for truncated/garbled files
         raise HwnasError(f"{weights} is damaged: {exc}") from None
+    for name, cpu_impl in manifest.get("block_layers", {}).items():
+        model.set_submodule(name, _block_sparse_layer(state, name, cpu_impl, weights))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise HwnasError(f"{weights} does not match the model described by hwnas.json: "
                          f"{str(exc).splitlines()[0]}") from None
     return model.eval()
+
+
+def _block_sparse_layer(state: dict[str, Tensor], name: str, cpu_impl: str, weights: Path) -> BlockSparseLinear:
+    """The kernel layer ``name`` rebuilt from its BSR tensors in the exported state dict."""
+    prefix = f"{name}."
+    layer_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    try:
+        return BlockSparseLinear(BsrWeight.from_state(layer_state), layer_state.get("bias"), cpu_impl=cpu_impl)
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise HwnasError(f"{weights} is damaged: block-sparse layer '{name}': {exc}") from None

@@ -1,4 +1,9 @@
-"""One call transforms a model: ``apply_config(model, space, config)`` returns the pruned copy."""
+"""One call transforms a model: ``apply_config(model, space, config, pruner)`` returns the pruned copy.
+
+Weight transforms (``block_sparsity`` with its ``block_size``) take their pruned weights from a
+``BlockPruner``; structural transforms (``token_keep``) only change how the model runs.
+``apply_structure`` applies the structural ones alone: an export's weights already hold the rest.
+"""
 
 from __future__ import annotations
 
@@ -9,20 +14,77 @@ from typing import Any
 from torch import nn
 
 from hwnas.errors import HwnasError
+from hwnas.pruning.block_pruner import DEFAULT_BLOCK, BlockPruner, layer_levels
 from hwnas.pruning.tokens import apply_token_keep
 from hwnas.spaces import Config, Space
 
+WEIGHT_TRANSFORMS = ("block_sparsity", "block_size")
+STRUCTURAL_TRANSFORMS = ("token_keep",)
 
-def apply_config(model: nn.Module, space: Space, config: Config) -> nn.Module:
-    """A deep copy of ``model`` with every transform of ``config`` applied; ``model`` is untouched."""
+
+def apply_config(model: nn.Module, space: Space, config: Config, pruner: BlockPruner | None = None) -> nn.Module:
+    """A deep copy of ``model`` with every transform of ``config`` applied; ``model`` is untouched.
+
+    ``pruner`` (built on ``model``) is needed only when the configuration removes weight blocks.
+    """
     config = space.validate(config)
+    by_transform = _by_transform(space, config)
+    pruned = copy.deepcopy(model)
+    levels = layer_levels(pruned, by_transform.get("block_sparsity", {}))
+    if any(levels.values()):
+        if pruner is None:
+            raise HwnasError("this configuration removes weight blocks: it needs calibration data (a BlockPruner)")
+        pruner.prune_(pruned, levels, block_size(space, config))
+    return _apply_structural(pruned, by_transform)
+
+
+def apply_structure(model: nn.Module, space: Space, config: Config) -> nn.Module:
+    """``model`` (in place) with the structural transforms of ``config`` only."""
+    return _apply_structural(model, _by_transform(space, space.validate(config)))
+
+
+def block_size(space: Space, config: Config) -> int:
+    """The configuration's block size (its ``block_size`` variable, else the default)."""
+    for dim in space.dimensions:
+        if dim.transform == "block_size":
+            return int(config[dim.name])
+    return DEFAULT_BLOCK
+
+
+def check_space(model: nn.Module, space: Space) -> None:
+    """Fail with a clear message unless every variable of ``space`` binds to ``model``'s architecture."""
+    low, high = space.bounds()
+    for vector in (low, high):
+        config = space.decode(vector)
+        by_transform = _by_transform(space, config)
+        levels = layer_levels(model, by_transform.get("block_sparsity", {}))
+        if levels:
+            _check_block_divides(model, levels, space)
+        _apply_structural(copy.deepcopy(model), by_transform)
+
+
+def _check_block_divides(model: nn.Module, levels: dict[str, float], space: Space) -> None:
+    sizes = [v for d in space.dimensions if d.transform == "block_size" for v in d.values] or [DEFAULT_BLOCK]
+    modules = dict(model.named_modules())
+    for size in sizes:
+        for name in levels:
+            out, inp = modules[name].weight.shape
+            if out % int(size) or inp % int(size):
+                raise HwnasError(f"block size {size} does not divide layer '{name}' of shape [{out}, {inp}]; "
+                                 "choose block_size values that divide every targeted layer")
+
+
+def _by_transform(space: Space, config: Config) -> dict[str, dict[Any, Any]]:
     by_transform: dict[str, dict[Any, Any]] = defaultdict(dict)
     for dim in space.dimensions:
         by_transform[dim.transform][dim.target] = config[dim.name]
-    pruned = copy.deepcopy(model)
-    for transform, values in by_transform.items():
-        if transform == "token_keep":
-            apply_token_keep(pruned, values)
-        else:
-            raise HwnasError(f"transform '{transform}' is not available yet in this version of hwnas")
-    return pruned.eval()
+    unknown = set(by_transform) - set(WEIGHT_TRANSFORMS) - set(STRUCTURAL_TRANSFORMS)
+    if unknown:
+        raise HwnasError(f"transform '{sorted(unknown)[0]}' is not available yet in this version of hwnas")
+    return by_transform
+
+
+def _apply_structural(model: nn.Module, by_transform: dict[str, dict[Any, Any]]) -> nn.Module:
+    if "token_keep" in by_transform:
+        apply_token_keep(model, by_transform["token_keep"])
+    return model.eval()

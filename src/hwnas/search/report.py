@@ -51,7 +51,7 @@ def front_table(document: dict, title: str | None = None) -> Table:
     for metric in metrics:
         table.add_column(metric, justify="right")
     table.add_column("speed-up", justify="right")
-    table.add_column("config")
+    table.add_column("config", overflow="fold")
     table.add_row("dense", *[format_metric(m, base[m]) for m in metrics], "1.00x", "", style="dim")
     for point in document["points"]:
         m = point["metrics"]

@@ -13,6 +13,17 @@ Schema (see ``src/hwnas/presets/*.yaml`` for complete examples)::
         values: {low: 0.3, high: 1.0, step: 0.1}   # or an explicit list
         order: non_increasing                # optional, over the targets in order
         stages: [[1, 2], [3, 4, 5]]          # optional: the order holds inside each stage only
+      - name: sparsity                       # variables sparsity.qkv ... sparsity.fc2
+        transform: block_sparsity
+        targets: {qkv: "*.attn.qkv", proj: "*.attn.proj", fc1: "*.mlp.fc1", fc2: "*.mlp.fc2"}
+        values: {low: 0.0, high: 0.9, step: 0.1}  # fraction of b x b blocks removed
+      - name: block
+        transform: block_size                # one space-level variable
+        values: [16, 32]
+
+    Targets are a list (variable NAME.TARGET each) or a mapping {label: target} (NAME.LABEL).
+    ``block_sparsity`` targets are block indices (all linear layers of that block) or globs
+    over linear-layer names.
 """
 
 from __future__ import annotations
@@ -144,10 +155,15 @@ def _dimension(raw: Any, fail) -> tuple[list[Dimension], list[Monotone]]:
     targets = raw.get("targets")
     if targets is None:
         dims = [Dimension(str(raw["name"]), transform, None, values, identity)]
+        labels: dict = {}
     else:
-        if not isinstance(targets, list) or not targets:
-            raise fail("targets", "expected a non-empty list")
-        dims = [Dimension(f"{raw['name']}.{t}", transform, t, values, identity) for t in targets]
+        if isinstance(targets, list) and targets:
+            labels = {t: t for t in targets}
+        elif isinstance(targets, dict) and targets:
+            labels = targets
+        else:
+            raise fail("targets", "expected a non-empty list, or a mapping {label: target}")
+        dims = [Dimension(f"{raw['name']}.{label}", transform, t, values, identity) for label, t in labels.items()]
 
     constraints = []
     order = raw.get("order")
@@ -156,10 +172,10 @@ def _dimension(raw: Any, fail) -> tuple[list[Dimension], list[Monotone]]:
             raise fail("order", f"expected one of {', '.join(ORDERS)}")
         if targets is None:
             raise fail("order", "needs targets to order")
-        stages = raw.get("stages") or [targets]
+        stages = raw.get("stages") or [list(labels)]
         for stage in stages:
-            if not isinstance(stage, list) or any(t not in targets for t in stage):
-                raise fail("stages", "each stage must be a list of this dimension's targets")
+            if not isinstance(stage, list) or any(t not in labels for t in stage):
+                raise fail("stages", "each stage must be a list of this dimension's targets (or labels)")
             if len(stage) > 1:
                 constraints.append(Monotone(tuple(f"{raw['name']}.{t}" for t in stage), order))
     elif "stages" in raw:

@@ -69,14 +69,13 @@ class Monotone:
     order: str
 
     def repair(self, config: Config) -> Config:
-        """The nearest valid configuration: a running min (non-increasing) or max (non-decreasing)."""
-        fixed = dict(config)
-        pick = min if self.order == "non_increasing" else max
-        running = None
-        for name in self.variables:
-            running = config[name] if running is None else pick(running, config[name])
-            fixed[name] = running
-        return fixed
+        """A valid configuration holding the same values, sorted into the required order.
+
+        Sorting keeps the multiset of values, so random samples stay spread over the whole range
+        (a running min would pile them up at the aggressive end).
+        """
+        values = sorted((config[name] for name in self.variables), reverse=self.order == "non_increasing")
+        return {**config, **dict(zip(self.variables, values))}
 
     def holds(self, config: Config) -> bool:
         seq = [config[name] for name in self.variables]

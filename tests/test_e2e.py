@@ -1,0 +1,134 @@
+"""The CLI end to end on the embedded default (digits DeiT, Ray evaluator): budget, interrupt/resume, export."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+import hwnas
+from hwnas.evaluators.evaluator import Evaluator
+from hwnas.pruning.apply import apply_config
+from hwnas.spaces import load_space
+
+pytestmark = pytest.mark.slow
+SEARCH = [sys.executable, "-m", "hwnas"]
+
+
+def search(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([*SEARCH, *args, "--no-progress"] if args[0] == "run" else [*SEARCH, *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def complete_trials(study: Path) -> list[optuna.trial.FrozenTrial]:
+    storage = f"sqlite:///{study / 'study.db'}"
+    return optuna.load_study(study_name=None, storage=storage).get_trials(states=(TrialState.COMPLETE,))
+
+
+@pytest.fixture(scope="module")
+def budget_run(tmp_path_factory) -> tuple[Path, float]:
+    """24 trials of the default space under a latency budget of 80% of the dense model's latency."""
+    evaluator = Evaluator(load_space())
+    dense_ms = evaluator.measure_model(evaluator.model)["latency_ms"]
+    budget = round(0.8 * dense_ms, 2)
+    out = tmp_path_factory.mktemp("budget") / "study"
+    result = search("run", "--budget", f"latency={budget}ms", "--trials", "24", "--workers", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return out, budget
+
+
+def test_budget_run_front_meets_budget_and_beats_dense(budget_run):
+    out, budget = budget_run
+    document = json.loads((out / "pareto.json").read_text())
+    assert document["budget"] == {"latency_ms": budget}
+    points = document["points"]
+    assert points, "no feasible point"
+    assert all(p["metrics"]["latency_ms"] <= budget for p in points)
+    dense = document["baseline"]["metrics"]
+    good = [p for p in points if p["metrics"]["latency_ms"] < dense["latency_ms"]
+            and p["metrics"]["accuracy"] >= dense["accuracy"] - 0.01]
+    assert good, f"no point faster than dense ({dense['latency_ms']:.1f} ms) within 1 point of {dense['accuracy']:.2%}"
+    assert len(complete_trials(out)) == 24
+    assert (out / "pareto.png").is_file() and "Pareto" in (out / "report.md").read_text()
+
+
+def test_show_prints_the_front(budget_run):
+    out, _ = budget_run
+    result = search("show", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "dense" in result.stdout and "latency_ms" in result.stdout
+
+
+def test_export_loads_and_matches_the_evaluated_candidate(budget_run, tmp_path):
+    out, _ = budget_run
+    export = tmp_path / "export"
+    result = search("export", str(out), "--pick", "latency", "-o", str(export))
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((export / "hwnas.json").read_text())
+    loaded = hwnas.load(export)
+
+    space = load_space()
+    evaluator = Evaluator(space)
+    candidate = apply_config(evaluator.model, space, manifest["config"], evaluator.pruner)
+    x = evaluator.data.test_x[:128]
+    with torch.inference_mode():
+        assert (loaded(x) - candidate(x)).abs().max().item() <= 1e-4
+    measured = evaluator.measure_model(loaded)
+    assert measured["accuracy"] == pytest.approx(manifest["metrics"]["accuracy"], abs=1e-9)
+    assert measured["flops"] == manifest["metrics"]["flops"]
+
+    result = search("eval", str(export))
+    assert result.returncode == 0, result.stderr
+    assert "latency_ms" in result.stdout and "recorded by the study" in result.stdout
+
+
+def test_ctrl_c_then_resume_finishes_without_rerunning(tmp_path):
+    out = tmp_path / "study"
+    process = subprocess.Popen([*SEARCH, "run", "--trials", "16", "--population", "4", "--workers", "1",
+                                "--out", str(out), "--no-progress"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and process.poll() is None:
+        if (out / "study.db").is_file() and len(complete_trials(out)) >= 5:
+            break
+        time.sleep(1)
+    assert process.poll() is None, process.communicate()[1]
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr
+    assert "--resume" in stderr and "Traceback" not in stderr
+    before = {t.number: t.values for t in complete_trials(out)}
+    assert 5 <= len(before) < 16
+
+    result = search("run", "--resume", str(out))
+    assert result.returncode == 0, result.stderr
+    after = complete_trials(out)
+    assert len(after) == 16
+    assert {t.number: t.values for t in after if t.number in before} == before  # none lost or changed
+    measured = [t.user_attrs["config_hash"] for t in after if "cached_from" not in t.user_attrs]
+    assert len(measured) == len(set(measured))  # no configuration measured twice
+
+
+def test_impossible_budget_exits_3_naming_the_best_value(tmp_path):
+    result = search("run", "--budget", "latency=0.001ms", "--trials", "4", "--population", "4", "--workers", "0",
+                    "--out", str(tmp_path / "study"))
+    assert result.returncode == 3
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "latency" in last and "best" in last and "ms" in last
+
+
+def test_demo_run_prints_a_front_of_at_least_3_points(tmp_path):
+    """What `make demo` runs: no arguments but the output directory."""
+    result = search("run", "--out", str(tmp_path / "demo"))
+    assert result.returncode == 0, result.stderr
+    assert "Pareto front" in result.stdout
+    assert len(json.loads((tmp_path / "demo" / "pareto.json").read_text())["points"]) >= 3
