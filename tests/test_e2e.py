@@ -11,11 +11,13 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy.exc
 import torch
 from optuna.trial import TrialState
 
 import hwnas
 from hwnas.evaluators.evaluator import Evaluator
+from hwnas.evaluators.pool import make_pool
 from hwnas.pruning.apply import apply_config
 from hwnas.spaces import load_space
 
@@ -33,12 +35,30 @@ def complete_trials(study: Path) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=None, storage=storage).get_trials(states=(TrialState.COMPLETE,))
 
 
+def finished_so_far(study: Path) -> int:
+    """Complete trials of a study that another process may still be creating."""
+    if not (study / "study.db").is_file():  # opening it would create it
+        return 0
+    try:
+        return len(complete_trials(study))
+    except (ValueError, sqlalchemy.exc.OperationalError):  # the study is not in it yet
+        return 0
+
+
 @pytest.fixture(scope="module")
 def budget_run(tmp_path_factory) -> tuple[Path, float]:
-    """24 trials of the default space under a latency budget of 80% of the dense model's latency."""
-    evaluator = Evaluator(load_space())
-    dense_ms = evaluator.measure_model(evaluator.model)["latency_ms"]
-    budget = round(0.8 * dense_ms, 2)
+    """24 trials of the default space under a latency budget of 85% of the dense model's latency.
+
+    The dense latency is measured as the study measures it (on a Ray actor), since on 2 cores the
+    Ray processes themselves slow inference down measurably.
+    """
+    space = load_space()
+    pool = make_pool(space.source, workers=1, device="cpu", address=None, energy=False)
+    try:
+        dense_ms = next(iter(pool.evaluate([space.identity()]))).metrics["latency_ms"]
+    finally:
+        pool.close()
+    budget = round(0.85 * dense_ms, 2)
     out = tmp_path_factory.mktemp("budget") / "study"
     result = search("run", "--budget", f"latency={budget}ms", "--trials", "24", "--workers", "1", "--out", str(out))
     assert result.returncode == 0, result.stderr
@@ -97,7 +117,7 @@ def test_ctrl_c_then_resume_finishes_without_rerunning(tmp_path):
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and process.poll() is None:
-        if (out / "study.db").is_file() and len(complete_trials(out)) >= 5:
+        if finished_so_far(out) >= 5:
             break
         time.sleep(1)
     assert process.poll() is None, process.communicate()[1]

@@ -9,6 +9,7 @@ from optuna.trial import TrialState
 
 from hwnas.errors import BudgetError, HwnasError
 from hwnas.evaluators.pool import Outcome
+from hwnas.search.optimizers import PymooNSGA2
 from hwnas.search.runner import Interrupted, SearchRun
 from hwnas.search.study import RunSettings, StudyDir
 from hwnas.spaces import config_hash, space_from_dict
@@ -151,3 +152,15 @@ def test_failed_evaluations_are_recorded_not_fatal(tmp_path):
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert failed and all("non-finite" in t.user_attrs["error"] for t in failed)
     assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 6
+
+
+def test_nsga2_starts_from_the_unpruned_model_without_measuring_it_twice(tmp_path):
+    study_dir = make_study(tmp_path, "nsga2", trials=8)
+    space = study_dir.space
+    first_generation = PymooNSGA2(space, 2, 0, population=6, seed=0).ask(study_dir.load(), 6)
+    assert first_generation[0].config == space.identity()
+    assert len({p.config_hash for p in first_generation}) > 1
+    pool = FormulaPool()
+    SearchRun(study_dir, pool, progress=False).run()
+    assert pool.evaluated.count(config_hash(space.identity())) == 1  # measured once, as the baseline
+    assert len(complete_trials(study_dir)) == 8

@@ -47,7 +47,7 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
 
 
 def summary(rows: list[dict]) -> Table:
-    table = Table(title="token-keep schedule vs dense (median ms)", title_justify="left")
+    table = Table(title="token-keep schedule vs dense (median ms, min-max)", title_justify="left")
     for column in ("model", "batch", "dense", "hwnas", "speed-up"):
         table.add_column(column, justify="right")
     by_case: dict[tuple, dict[str, dict]] = {}
@@ -55,5 +55,9 @@ def summary(rows: list[dict]) -> Table:
         by_case.setdefault((row["case"]["model"], row["case"]["batch"]), {})[row["impl"]] = row
     for (model, batch), impls in by_case.items():
         dense, ours = impls["dense"]["median_ms"], impls["hwnas"]["median_ms"]
-        table.add_row(model, str(batch), f"{dense:.1f}", f"{ours:.1f}", f"{dense / ours:.2f}x")
+        table.add_row(model, str(batch), _spread(impls["dense"]), _spread(impls["hwnas"]), f"{dense / ours:.2f}x")
     return table
+
+
+def _spread(row: dict) -> str:
+    return f"{row['median_ms']:.1f} ({row['min_ms']:.1f}-{row['max_ms']:.1f})"

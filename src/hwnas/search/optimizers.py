@@ -68,6 +68,23 @@ class _SpaceRepair(Repair):
         return np.array([self.space.encode(self.space.decode(x)) for x in np.round(X).astype(int)])
 
 
+class _IdentityFirstSampling(IntegerRandomSampling):
+    """Random integer vectors, the first replaced by the unpruned configuration.
+
+    The unpruned model is already measured (the baseline), so it is a free, accurate parent:
+    its mutations are the mild configurations random sampling seldom draws.
+    """
+
+    def __init__(self, space: Space):
+        super().__init__()
+        self.space = space
+
+    def _do(self, problem, n_samples, **kwargs):
+        X = super()._do(problem, n_samples, **kwargs)
+        X[0] = self.space.encode(self.space.identity())
+        return X
+
+
 class PymooNSGA2:
     """pymoo's NSGA-II in ask/tell mode over the integer encoding of the space.
 
@@ -81,7 +98,7 @@ class PymooNSGA2:
         self.sampler = optuna.samplers.RandomSampler(seed=seed)  # never used: every trial is enqueued
         low, high = space.bounds()
         problem = Problem(n_var=len(low), n_obj=n_objectives, n_ieq_constr=n_constraints, xl=low, xu=high, vtype=int)
-        sampling = IntegerRandomSampling()
+        sampling = _IdentityFirstSampling(space)
         if initial:
             sampling = Population.new("X", np.array([space.encode(c) for c, _, _ in initial]))
         self.algorithm = NSGA2(

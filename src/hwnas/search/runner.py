@@ -21,9 +21,11 @@ from hwnas.search.optimizers import Proposal, PymooNSGA2, make_optimizer
 from hwnas.search.pareto import Record, hypervolume, pareto_front
 from hwnas.search.report import write_pareto, write_report
 from hwnas.search.study import StudyDir
+from hwnas.spaces import config_hash
 
 FAILED_VALUE = 1e18  # what pymoo sees for a candidate whose evaluation failed
 MAX_STALLED_BATCHES = 5
+BASELINE_TRIAL = -1  # the cache entry of the unpruned configuration, measured before any trial
 
 
 class Interrupted(HwnasError):
@@ -57,6 +59,11 @@ class SearchRun:
         baseline = self._baseline(study)
         records = self.dir.records(study)
         self.cache = {r.config_hash: r for r in records}
+        # the unpruned configuration is already measured: proposing it costs nothing
+        identity_hash = config_hash(baseline["config"])
+        self.cache.setdefault(identity_hash, Record(BASELINE_TRIAL, baseline["config"], baseline["metrics"],
+                                                    self.budget.feasible(baseline["metrics"], baseline["metrics"]),
+                                                    identity_hash))
         n_trials_so_far = len(study.trials)
         initial = [(r.config, None, None) for r in records] if records else None
         self.optimizer = make_optimizer(
@@ -134,7 +141,7 @@ class SearchRun:
             cached = self.cache.get(proposal.config_hash)
             if proposal.metrics is None and cached is not None and proposal.trial is not None:
                 self._fill_from(proposal, cached)
-                proposal.trial.set_user_attr("cached_from", cached.trial)
+                proposal.trial.set_user_attr("cached_from", "baseline" if cached.trial == BASELINE_TRIAL else cached.trial)
                 self._record(proposal)
                 on_record()
             elif proposal.trial is not None:
