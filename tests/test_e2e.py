@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 import hwnas
 from hwnas.evaluators.evaluator import Evaluator
 from hwnas.evaluators.pool import make_pool
+from hwnas.kernels import BlockSparseLinear
 from hwnas.pruning.apply import apply_config
 from hwnas.spaces import load_space
 
@@ -94,6 +95,9 @@ def test_export_loads_and_matches_the_evaluated_candidate(budget_run, tmp_path):
     assert result.returncode == 0, result.stderr
     manifest = json.loads((export / "hwnas.json").read_text())
     loaded = hwnas.load(export)
+    pruned_kinds = [k for k, v in manifest["config"].items() if k.startswith("sparsity.") and v > 0]
+    kernel_layers = [n for n, m in loaded.named_modules() if isinstance(m, BlockSparseLinear)]
+    assert len(kernel_layers) == len(manifest["block_layers"]) == 6 * len(pruned_kinds)  # 6 blocks per kind
 
     space = load_space()
     evaluator = Evaluator(space)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from rich.table import Table
 
 from hwnas.bench.record import result_row
-from hwnas.evaluators.latency import measure
+from hwnas.hwprofiles.latency import measure
 from hwnas.kernels.block_sparse import BlockSparseLinear, BsrWeight
 
 SHAPES = ((768, 2304), (768, 768), (768, 3072), (3072, 768))

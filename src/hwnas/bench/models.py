@@ -21,8 +21,8 @@ from torch import nn
 
 from hwnas.bench.kernels import block_mask
 from hwnas.bench.record import result_row
-from hwnas.evaluators.energy import measure_energy
-from hwnas.evaluators.latency import measure
+from hwnas.hwprofiles.energy import measure_energy
+from hwnas.hwprofiles.latency import measure
 from hwnas.pruning.block_layers import calibrate_block_sparse, to_block_sparse_layers
 from hwnas.pruning.block_obs import find_linear_layers
 

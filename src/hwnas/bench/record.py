@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from hwnas.evaluators.latency import Timing, device_name
+from hwnas.hwprofiles.latency import Timing, device_name
 
 
 def result_row(case: dict, impl: str, timing: Timing | None, metrics: dict | None = None) -> dict:

@@ -12,7 +12,7 @@ import torch
 from rich.table import Table
 
 from hwnas.bench.record import result_row
-from hwnas.evaluators.latency import measure
+from hwnas.hwprofiles.latency import measure
 from hwnas.pruning.tokens import apply_token_keep
 
 MODEL = "deit_small_patch16_224"

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hwnas.evaluators.latency import Timing, measure
+from hwnas.hwprofiles.latency import Timing, measure
 
 try:
     import triton

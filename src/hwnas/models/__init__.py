@@ -1,0 +1,1 @@
+"""Model adapters: the built-in digits models and the timm/checkpoint factory."""

@@ -1,0 +1,1 @@
+"""Built-in search spaces (YAML), loadable by name: ``search run default``."""

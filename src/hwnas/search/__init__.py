@@ -1,0 +1,1 @@
+"""Search drivers (pymoo NSGA-II, Optuna samplers, random), budgets, Pareto fronts, study storage and reports."""
