@@ -106,3 +106,14 @@ def test_check_space_rejects_block_sizes_that_do_not_divide(vit):
     with pytest.raises(HwnasError, match="block size 48 does not divide"):
         check_space(vit, space_from_dict(data))
     check_space(vit, space_from_dict(SPACE))
+
+
+@pytest.mark.parametrize("dimension, message", [
+    ({"name": "block", "transform": "block_size", "values": ["big"]}, "block sizes must be positive integers"),
+    ({"name": "s", "transform": "block_sparsity", "targets": ["*.mlp.fc1"], "values": [0.0, 0.55]},
+     "levels must come from the grid"),
+])
+def test_check_space_rejects_values_no_pruner_can_build(vit, dimension, message):
+    data = {**SPACE, "dimensions": SPACE["dimensions"][:1] + [dimension]}
+    with pytest.raises(HwnasError, match=message):
+        check_space(vit, space_from_dict(data))

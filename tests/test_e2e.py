@@ -108,17 +108,25 @@ def test_export_loads_and_matches_the_evaluated_candidate(budget_run, tmp_path):
     measured = evaluator.measure_model(loaded)
     assert measured["accuracy"] == pytest.approx(manifest["metrics"]["accuracy"], abs=1e-9)
     assert measured["flops"] == manifest["metrics"]["flops"]
+    ratio = measured["latency_ms"] / manifest["metrics"]["latency_ms"]
+    assert 1 / 1.5 < ratio < 1.5, f"latency {measured['latency_ms']:.1f} ms now vs {manifest['metrics']['latency_ms']:.1f} ms recorded"
 
     result = search("eval", str(export))
     assert result.returncode == 0, result.stderr
     assert "latency_ms" in result.stdout and "recorded by the study" in result.stdout
 
 
+def _default_sigint() -> None:
+    """Ctrl-C as in a terminal, even where the tests run in the background (which ignores SIGINT)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_then_resume_finishes_without_rerunning(tmp_path):
     out = tmp_path / "study"
     process = subprocess.Popen([*SEARCH, "run", "--trials", "16", "--population", "4", "--workers", "1",
                                 "--out", str(out), "--no-progress"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=_default_sigint)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and process.poll() is None:
         if finished_so_far(out) >= 5:

@@ -80,10 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _stdout() -> Console:
-    """Console for tables: the terminal's width, or 160 columns when piped to a file or a log."""
-    console = Console()
-    return console if console.is_terminal else Console(width=160)
+def _stdout(stderr: bool = False) -> Console:
+    """A console of the terminal's width, or 160 columns when piped to a file or a log."""
+    console = Console(stderr=stderr)
+    return console if console.is_terminal else Console(stderr=stderr, width=160)
 
 
 def _say(line: str) -> None:
@@ -122,12 +122,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         out = args.out or f"runs/study-{_dt.datetime.now():%Y%m%d-%H%M%S}"
         study_dir = StudyDir.create(out, space, settings)
 
-    console = Console(stderr=True)
+    console = _stdout(stderr=True)
     settings = study_dir.settings
     console.print(study_dir.space.describe(), markup=False, highlight=False)
     console.print(f"study {study_dir.path}: {settings.optimizer}, {settings.trials} trials, "
                   f"objectives {settings.objectives}, budget {study_dir.budget.describe()}", markup=False)
-    _prepare_model(study_dir.space)
+    _prepare(study_dir.space, progress=not args.no_progress)
     energy = any(o.metric == "energy_mj" for o in study_dir.objectives) or "energy_mj" in study_dir.budget.limits
     pool = make_pool(study_dir.space.source, settings.workers, settings.device, settings.ray_address, energy)
     try:
@@ -158,12 +158,20 @@ def _validate(space, settings) -> None:
     check_space(build_arch(space.model), space)
 
 
-def _prepare_model(space) -> None:
-    """Train (or find in the cache) a built-in model here, with a progress bar, before workers load it."""
-    from hwnas.models.registry import is_builtin, load_model
+def _prepare(space, progress: bool) -> None:
+    """Train (or find) the model and build its pruned-weight databases here, with progress bars,
+    so that the workers find both in the cache instead of each building them silently."""
+    from hwnas.evaluators.data import load_eval_data
+    from hwnas.models.registry import load_model
+    from hwnas.pruning.apply import block_sizes
+    from hwnas.pruning.block_pruner import BlockPruner
 
-    if is_builtin(space.model["name"]) and not space.model.get("checkpoint"):
-        load_model(space.model, progress=True)
+    model = load_model(space.model, progress=progress)
+    sizes = block_sizes(space)
+    if sizes:
+        pruner = BlockPruner(model, load_eval_data(space.data, space.model, model).calib_x, progress=progress)
+        for size in sizes:
+            pruner.database(size)
 
 
 def cmd_show(args: argparse.Namespace) -> int:

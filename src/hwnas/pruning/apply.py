@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from hwnas.errors import HwnasError
+from hwnas.pruning.block_obs import DEFAULT_LEVELS
 from hwnas.pruning.block_pruner import DEFAULT_BLOCK, BlockPruner, layer_levels
 from hwnas.pruning.tokens import apply_token_keep
 from hwnas.spaces import Config, Space
@@ -51,25 +52,39 @@ def block_size(space: Space, config: Config) -> int:
     return DEFAULT_BLOCK
 
 
+def block_sizes(space: Space) -> list[int]:
+    """Every block size a configuration of ``space`` can use; empty when it prunes no weight blocks."""
+    if not any(d.transform == "block_sparsity" for d in space.dimensions):
+        return []
+    sizes = [int(v) for d in space.dimensions if d.transform == "block_size" for v in d.values]
+    return sizes or [DEFAULT_BLOCK]
+
+
 def check_space(model: nn.Module, space: Space) -> None:
     """Fail with a clear message unless every variable of ``space`` binds to ``model``'s architecture."""
+    for dim in space.dimensions:
+        if dim.transform == "block_size" and not all(isinstance(v, int) and v > 0 for v in dim.values):
+            raise HwnasError(f"{dim.name}: block sizes must be positive integers, got {list(dim.values)}")
+        if dim.transform == "block_sparsity" and not all(
+                any(abs(v - level) < 1e-9 for level in DEFAULT_LEVELS) for v in dim.values):
+            raise HwnasError(f"{dim.name}: block sparsity levels must come from the grid "
+                             f"{', '.join(f'{x:g}' for x in DEFAULT_LEVELS)}; got {list(dim.values)}")
     low, high = space.bounds()
     for vector in (low, high):
         config = space.decode(vector)
         by_transform = _by_transform(space, config)
         levels = layer_levels(model, by_transform.get("block_sparsity", {}))
         if levels:
-            _check_block_divides(model, levels, space)
+            _check_block_divides(model, levels, block_sizes(space))
         _apply_structural(copy.deepcopy(model), by_transform)
 
 
-def _check_block_divides(model: nn.Module, levels: dict[str, float], space: Space) -> None:
-    sizes = [v for d in space.dimensions if d.transform == "block_size" for v in d.values] or [DEFAULT_BLOCK]
+def _check_block_divides(model: nn.Module, levels: dict[str, float], sizes: list[int]) -> None:
     modules = dict(model.named_modules())
     for size in sizes:
         for name in levels:
             out, inp = modules[name].weight.shape
-            if out % int(size) or inp % int(size):
+            if out % size or inp % size:
                 raise HwnasError(f"block size {size} does not divide layer '{name}' of shape [{out}, {inp}]; "
                                  "choose block_size values that divide every targeted layer")
 

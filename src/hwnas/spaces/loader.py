@@ -93,12 +93,7 @@ def space_from_dict(data: dict, origin: str = "<mapping>") -> Space:
     def fail(key: str, message: str) -> HwnasError:
         return HwnasError(f"{origin}: {key}: {message}")
 
-    unknown = set(data) - _TOP_KEYS
-    if unknown:
-        raise fail(sorted(unknown)[0], f"unknown key (allowed: {', '.join(sorted(_TOP_KEYS))})")
-    for key in ("name", "model", "dimensions"):
-        if key not in data:
-            raise fail(key, "missing")
+    _check_keys(data, _TOP_KEYS, ("name", "model", "dimensions"), fail)
     model = data["model"]
     if isinstance(model, str):
         model = {"name": model}
@@ -138,15 +133,19 @@ def space_from_dict(data: dict, origin: str = "<mapping>") -> Space:
     )
 
 
+def _check_keys(mapping: dict, allowed: set[str], required: tuple[str, ...], fail) -> None:
+    unknown = set(mapping) - allowed
+    if unknown:
+        raise fail(sorted(unknown)[0], f"unknown key (allowed: {', '.join(sorted(allowed))})")
+    for key in required:
+        if key not in mapping:
+            raise fail(key, "missing")
+
+
 def _dimension(raw: Any, fail) -> tuple[list[Dimension], list[Monotone]]:
     if not isinstance(raw, dict):
         raise fail("", "expected a mapping with name, transform, values")
-    unknown = set(raw) - _DIM_KEYS
-    if unknown:
-        raise fail(sorted(unknown)[0], f"unknown key (allowed: {', '.join(sorted(_DIM_KEYS))})")
-    for key in ("name", "transform", "values"):
-        if key not in raw:
-            raise fail(key, "missing")
+    _check_keys(raw, _DIM_KEYS, ("name", "transform", "values"), fail)
     transform = raw["transform"]
     if transform not in TRANSFORMS:
         raise fail("transform", f"unknown transform '{transform}' (known: {', '.join(TRANSFORMS)})")

@@ -177,10 +177,19 @@ class Space:
         lines = [f"space {self.name!r}: model {self.model.get('name')}, {len(self.dimensions)} variables, "
                  f"{self.size():,} grid points"]
         for dim in self.dimensions:
-            lines.append(f"  {dim.name:<28} {dim.transform:<15} {list(dim.values)}")
+            lines.append(f"  {dim.name:<16} {dim.transform:<15} {_describe_values(dim)}")
         for c in self.constraints:
             lines.append(f"  constraint: {c.order.replace('_', '-')} over {', '.join(c.variables)}")
         return "\n".join(lines)
+
+
+def _describe_values(dim: Dimension) -> str:
+    """A grid as ``low..high step s (n values)`` when it is one, else the list."""
+    dist = dim.distribution()
+    step = getattr(dist, "step", None)
+    if step is not None and len(dim.values) > 4:
+        return f"{dim.values[0]:g}..{dim.values[-1]:g} step {step:g} ({len(dim.values)} values)"
+    return str(list(dim.values))
 
 
 def config_hash(config: Config) -> str:
