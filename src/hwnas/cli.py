@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _stdout(stderr: bool = False) -> Console:
+def _console(stderr: bool = False) -> Console:
     """A console of the terminal's width, or 160 columns when piped to a file or a log."""
     console = Console(stderr=stderr)
     return console if console.is_terminal else Console(stderr=stderr, width=160)
@@ -122,7 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         out = args.out or f"runs/study-{_dt.datetime.now():%Y%m%d-%H%M%S}"
         study_dir = StudyDir.create(out, space, settings)
 
-    console = _stdout(stderr=True)
+    console = _console(stderr=True)
     settings = study_dir.settings
     console.print(study_dir.space.describe(), markup=False, highlight=False)
     console.print(f"study {study_dir.path}: {settings.optimizer}, {settings.trials} trials, "
@@ -134,7 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         summary = SearchRun(study_dir, pool, console, progress=not args.no_progress).run()
     finally:
         pool.close()
-    _stdout().print(front_table(read_pareto(study_dir.path)))
+    _console().print(front_table(read_pareto(study_dir.path)))
     console.print(f"hypervolume {summary.hypervolume:.4f} · {len(summary.front)} Pareto point(s) · "
                   f"{study_dir.path}/pareto.json · {study_dir.path}/report.md", markup=False)
     console.print(f"export one: search export {study_dir.path} --pick latency -o OUT", markup=False)
@@ -179,7 +179,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from hwnas.search.study import read_pareto
 
     document = read_pareto(args.dir)
-    console = _stdout()
+    console = _console()
     console.print(front_table(document))
     console.print(f"{document['trials']['complete']} trials, {document['trials']['feasible']} feasible; "
                   f"budget {document['budget'] or 'none'}; hypervolume {document.get('hypervolume', 0):.4f}")
@@ -210,7 +210,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             continue
         before = recorded.get(metric)
         table.add_row(metric, "-" if before is None else format_metric(metric, before), format_metric(metric, value))
-    _stdout().print(table)
+    _console().print(table)
     return 0
 
 
@@ -222,7 +222,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     module = importlib.import_module(f"hwnas.bench.{args.name}")
     results = module.run(device=args.device, quick=args.quick)
     path = write_record(bench_record(args.name, args.device, results), args.json)
-    _stdout().print(module.summary(results))
+    _console().print(module.summary(results))
     Console(stderr=True).print(f"wrote {len(results)} measurements to {path}", markup=False)
     return 0
 

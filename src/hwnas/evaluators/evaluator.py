@@ -8,9 +8,9 @@ import torch
 
 from hwnas.errors import HwnasError
 from hwnas.evaluators.data import load_eval_data
+from hwnas.evaluators.metrics import accuracy, count_flops, count_params, fidelity_kl, predict_logits
 from hwnas.hwprofiles.energy import measure_energy
 from hwnas.hwprofiles.latency import device_name, measure
-from hwnas.evaluators.metrics import accuracy, count_flops, count_params, fidelity_kl, predict_logits
 from hwnas.models.registry import load_model
 from hwnas.pruning.apply import apply_config
 from hwnas.pruning.block_layers import calibrate_block_sparse
