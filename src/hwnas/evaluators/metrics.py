@@ -42,7 +42,7 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
         layer.cpu_impl = "gather"
     try:
         x = torch.zeros((1, *input_shape))
-        with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        with FlopCounterMode(display=False) as counter:
             model(x)
     finally:
         for layer, impl in zip(sparse, chosen):

@@ -260,7 +260,6 @@ class LayerDatabase:
         raise HwnasError(f"sparsity level {level} is not in the database grid; allowed: {', '.join(f'{x:g}' for x in self.levels)}")
 
 
-@torch.no_grad()
 def apply_block_sparsity(model: nn.Module, db: LayerDatabase, config: dict[str, float]) -> nn.Module:
     """A deep copy of ``model`` with each layer in ``config`` set to the database's pruned weight at its level.
 
@@ -268,7 +267,14 @@ def apply_block_sparsity(model: nn.Module, db: LayerDatabase, config: dict[str, 
     layer to its mask [out/b, in/b] (True = kept). ``model`` is not modified.
     """
     pruned = copy.deepcopy(model)
-    modules = dict(pruned.named_modules())
+    pruned.block_masks = set_pruned_weights_(pruned, db, config)
+    return pruned
+
+
+@torch.no_grad()
+def set_pruned_weights_(model: nn.Module, db: LayerDatabase, config: dict[str, float]) -> dict[str, Tensor]:
+    """In place: copy the database's pruned weight of each layer in ``config`` at its level; return the masks."""
+    modules = dict(model.named_modules())
     masks = {}
     for name, level in config.items():
         layer = modules.get(name)
@@ -279,8 +285,7 @@ def apply_block_sparsity(model: nn.Module, db: LayerDatabase, config: dict[str, 
             raise HwnasError(f"layer '{name}' has shape {tuple(layer.weight.shape)} but the database has {tuple(weight.shape)}; rebuild it for this model")
         layer.weight.copy_(weight)
         masks[name] = mask
-    pruned.block_masks = masks
-    return pruned
+    return masks
 
 
 def _check_block(weight: Tensor, block: int, name: str = "weight") -> None:

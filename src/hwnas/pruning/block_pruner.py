@@ -11,17 +11,17 @@ every Ray worker and every later run reuses it.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import os
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from hwnas.errors import HwnasError
 from hwnas.paths import cache_dir
 from hwnas.pruning.block_layers import to_block_sparse_layers
-from hwnas.pruning.block_obs import DEFAULT_LEVELS, LayerDatabase, find_linear_layers
+from hwnas.pruning.block_obs import DEFAULT_LEVELS, LayerDatabase, find_linear_layers, set_pruned_weights_
 
 DEFAULT_BLOCK = 32
 DAMP = 0.01
@@ -77,25 +77,23 @@ class BlockPruner:
                 self._databases[block] = db
         return self._databases[block]
 
-    @torch.no_grad()
     def prune_(self, model: nn.Module, levels: dict[str, float], block: int) -> nn.Module:
         """In place: set each layer of ``levels`` to its pruned weight and swap it for a block-sparse layer."""
-        db = self.database(block)
-        modules = dict(model.named_modules())
-        masks = {}
-        for name, level in levels.items():
-            if level == 0:
-                continue
-            weight, mask = db.weight(name, level)
-            modules[name].weight.copy_(weight)
-            masks[name] = mask
+        pruned_levels = {name: level for name, level in levels.items() if level > 0}
+        masks = set_pruned_weights_(model, self.database(block), pruned_levels)
         return to_block_sparse_layers(model, masks, block)
 
     def _key(self, block: int) -> str:
+        digest = hashlib.sha256(self._inputs_digest)
+        digest.update(repr((block, DEFAULT_LEVELS, DAMP, type(self.model).__name__)).encode())
+        return f"b{block}-{digest.hexdigest()[:16]}"
+
+    @functools.cached_property
+    def _inputs_digest(self) -> bytes:
+        """Hash of the weights and the calibration images, computed once for all block sizes."""
         digest = hashlib.sha256()
         for name, tensor in self.model.state_dict().items():
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         digest.update(self.calib_x.cpu().contiguous().numpy().tobytes())
-        digest.update(repr((block, DEFAULT_LEVELS, DAMP, type(self.model).__name__)).encode())
-        return f"b{block}-{digest.hexdigest()[:16]}"
+        return digest.digest()
