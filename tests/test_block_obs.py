@@ -202,3 +202,18 @@ def test_apply_block_sparsity(vit_and_db):
         apply_block_sparsity(model, db, {"blocks.0.attn.qkv": 0.25})
     with pytest.raises(HwnasError, match="not a linear layer"):
         apply_block_sparsity(model, db, {"blocks.9.attn.qkv": 0.5})
+
+
+def test_database_records_the_second_order_loss_of_each_level(vit_and_db, tmp_path):
+    model, calib, db = vit_and_db
+    layers = find_linear_layers(model)
+    hessians = collect_hessians(model, layers, calib)
+    for name in db.layer_names[:3]:
+        dense, h = layers[name].weight.detach().double(), hessians[name]
+        deltas = [db.weight(name, level)[0].double() - dense for level in db.levels]
+        expected = [0.5 * float((d @ h * d).sum()) for d in deltas]
+        assert db.losses[name] == pytest.approx(expected, rel=1e-3, abs=1e-9)
+        assert db.output_energy[name] == pytest.approx(0.5 * float((dense @ h * dense).sum()), rel=1e-4)
+        assert db.losses[name][0] == 0 and 0 < db.losses[name][1] < db.losses[name][-1]
+    loaded = LayerDatabase.load(db.save(tmp_path / "db.safetensors"))
+    assert loaded.losses == db.losses and loaded.output_energy == db.output_energy

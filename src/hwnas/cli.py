@@ -16,7 +16,7 @@ from rich.table import Table
 
 from hwnas.errors import HwnasError
 
-BENCHES = ("tokens", "prune", "kernels", "models")
+BENCHES = ("tokens", "prune", "kernels", "models", "windows")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("space", nargs="?", help="space YAML file or preset name (default: the embedded digits DeiT)")
     run.add_argument("--budget", help="hard limits, e.g. latency=5ms,energy=20mJ,accuracy_drop=1%%")
     run.add_argument("--objectives", help="metrics to optimise (default accuracy,latency)")
-    run.add_argument("--optimizer", help="nsga2 (pymoo, default) | optuna-nsga2 | optuna-tpe | random")
+    run.add_argument("--optimizer", help="nsga2 (pymoo, default) | optuna-nsga2 | optuna-tpe | "
+                                          "evolution (SparseViT) | random | lpvit (LPViT's allocation)")
     run.add_argument("--trials", type=int, help="finished trials the study should hold (default 24)")
     run.add_argument("--population", type=int, help="population size of the evolutionary optimizers")
     run.add_argument("--workers", type=int, help="Ray evaluator actors (default 1; 0 evaluates in-process)")
@@ -128,7 +129,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.print(f"study {study_dir.path}: {settings.optimizer}, {settings.trials} trials, "
                   f"objectives {settings.objectives}, budget {study_dir.budget.describe()}", markup=False)
     _prepare(study_dir.space, progress=not args.no_progress)
-    energy = any(o.metric == "energy_mj" for o in study_dir.objectives) or "energy_mj" in study_dir.budget.limits
+    metrics = [o.metric for o in study_dir.objectives] + list(study_dir.budget.limits)
+    energy = any(m in ("energy_mj", "energy_mj_predicted") for m in metrics)  # predicted: fitted on measurements
     pool = make_pool(study_dir.space.source, settings.workers, settings.device, settings.ray_address, energy)
     try:
         summary = SearchRun(study_dir, pool, console, progress=not args.no_progress).run()
@@ -151,6 +153,8 @@ def _validate(space, settings) -> None:
     settings.parsed_budget()
     if settings.optimizer not in OPTIMIZERS:
         raise HwnasError(f"unknown optimizer '{settings.optimizer}' (known: {', '.join(OPTIMIZERS)})")
+    if settings.optimizer == "lpvit" and not any(d.transform == "block_sparsity" for d in space.dimensions):
+        raise HwnasError(f"lpvit allocates block_sparsity variables; space '{space.name}' has none")
     if settings.trials < 1:
         raise HwnasError("--trials must be at least 1")
     if settings.workers < 0:
@@ -175,7 +179,7 @@ def _prepare(space, progress: bool) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from hwnas.search.report import front_table
+    from hwnas.search.report import front_table, prediction_lines
     from hwnas.search.study import read_pareto
 
     document = read_pareto(args.dir)
@@ -183,6 +187,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     console.print(front_table(document))
     console.print(f"{document['trials']['complete']} trials, {document['trials']['feasible']} feasible; "
                   f"budget {document['budget'] or 'none'}; hypervolume {document.get('hypervolume', 0):.4f}")
+    for line in prediction_lines(document.get("predicted", {})):
+        console.print(line, markup=False)
     return 0
 
 

@@ -3,7 +3,8 @@
 ``data: {name: default}`` is the digits split of the built-in models. ``data: {imagefolder: DIR}``
 reads an ImageFolder with timm's dataset and the model's own preprocessing; ``labels`` says how
 folder names map to the model's classes: ``none`` (fidelity only), ``folder`` (sorted folder
-order) or ``imagenet`` (folder names are ImageNet wnids).
+order) or ``imagenet`` (folder names are ImageNet wnids); ``max_images`` caps how many images
+are used (a random subset), for quick searches on large models.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def load_eval_data(data: dict, model_spec: dict, model: nn.Module) -> EvalData:
     """Resolve a space's ``data:`` mapping for the given model."""
     if "imagefolder" in data:
         return load_imagefolder(data["imagefolder"], model, data.get("labels", "none"),
-                                float(data.get("calib_fraction", 0.5)))
+                                float(data.get("calib_fraction", 0.5)), data.get("max_images"))
     name = data.get("name", "default")
     if name != "default":
         raise HwnasError(f"unknown data '{name}': use 'default' or {{imagefolder: DIR}}")
@@ -50,23 +51,33 @@ def load_eval_data(data: dict, model_spec: dict, model: nn.Module) -> EvalData:
     return EvalData("digits", splits.calib_x, splits.test_x, splits.test_y)
 
 
-def load_imagefolder(root: str | Path, model: nn.Module, labels: str = "none", calib_fraction: float = 0.5) -> EvalData:
-    """An ImageFolder, preprocessed as the model expects, split into calibration and test halves."""
+def load_imagefolder(root: str | Path, model: nn.Module, labels: str = "none", calib_fraction: float = 0.5,
+                     max_images: int | None = None) -> EvalData:
+    """An ImageFolder (at most ``max_images`` of it), preprocessed as the model expects, split into
+    calibration and test halves."""
     from timm.data import ImageDataset, ImageNetInfo, create_transform, resolve_data_config
 
     root = Path(root)
     if not root.is_dir():
         raise HwnasError(f"image folder {root} does not exist")
+    if max_images is not None and (not isinstance(max_images, int) or max_images < 2):
+        raise HwnasError(f"data max_images must be an integer >= 2, got {max_images!r}")
     if labels not in LABEL_MODES:
         raise HwnasError(f"data labels '{labels}' unknown (use one of {', '.join(LABEL_MODES)})")
-    transform = create_transform(**resolve_data_config({}, model=model))
+    embed = getattr(model, "patch_embed", None)  # the size the model was built for, e.g. img_size=672
+    size, proj = getattr(embed, "img_size", None), getattr(embed, "proj", None)
+    args = {"input_size": (proj.in_channels, *size)} if size is not None and proj is not None else {}
+    transform = create_transform(**resolve_data_config(args, model=model))
     try:
         dataset = ImageDataset(str(root), transform=transform)
     except Exception as exc:  # timm raises plain errors for empty or unreadable folders
         raise HwnasError(f"image folder {root}: {exc}") from None
     if len(dataset) < 2:
         raise HwnasError(f"image folder {root} holds {len(dataset)} image(s); need at least 2")
-    images, targets = zip(*(dataset[i] for i in range(len(dataset))))
+    chosen = range(len(dataset))
+    if max_images is not None and max_images < len(dataset):
+        chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(1))[:max_images].sort().values.tolist()
+    images, targets = zip(*(dataset[i] for i in chosen))
     x = torch.stack(images)
     y = None
     if labels == "folder":
@@ -80,8 +91,7 @@ def load_imagefolder(root: str | Path, model: nn.Module, labels: str = "none", c
         if unknown:
             raise HwnasError(f"image folder {root}: {unknown[0]} is not an ImageNet wnid (labels: imagenet)")
         y = torch.tensor([index[by_idx[t]] for t in targets])
-    generator = torch.Generator().manual_seed(0)
-    order = torch.randperm(len(x), generator=generator)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     n_calib = max(1, min(len(x) - 1, round(calib_fraction * len(x))))
     calib, test = order[:n_calib], order[n_calib:]
     return EvalData(root.name, x[calib], x[test], None if y is None else y[test])

@@ -3,6 +3,8 @@
 ``create_digits_model`` trains a model on first use (fixed seeds, CPU, a few minutes at most) and
 caches its weights as safetensors under ``cache_dir()/models``; the file name carries a hash of
 the architecture, the training recipe and the data split, so changing any of them retrains.
+``digits-swin-windows`` is ``digits-swin`` after SparseViT's sparsity-aware adaptation (a short
+fine-tune under random window-ratio configurations), cached the same way.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import safetensors.torch
 import torch
@@ -97,13 +100,22 @@ RECIPES: dict[str, TrainRecipe] = {
                                label_smoothing=0.1, max_rotate_deg=10, max_scale=0.1, max_shift_px=2),
 }
 
+#: built-ins derived from another by an adaptation: name -> (base model, fine-tuning recipe)
+ADAPTED_MODELS: dict[str, tuple[str, TrainRecipe]] = {
+    "digits-swin-windows": ("digits-swin", TrainRecipe(
+        epochs=15, batch_size=32, lr=3e-4, weight_decay=0.05, warmup_epochs=1, label_smoothing=0.1,
+        max_rotate_deg=10, max_scale=0.1, max_shift_px=2, seed=1)),
+}
+BUILTIN_MODELS = (*DIGITS_MODELS, *ADAPTED_MODELS)
+
 _SPLIT_SEED = 0
 
 
 def build_digits_arch(name: str) -> nn.Module:
     """The untrained architecture of a built-in model (weights initialized with a fixed seed)."""
-    if name not in DIGITS_MODELS:
-        raise HwnasError(f"unknown digits model '{name}' (known: {', '.join(DIGITS_MODELS)})")
+    if name not in BUILTIN_MODELS:
+        raise HwnasError(f"unknown digits model '{name}' (known: {', '.join(BUILTIN_MODELS)})")
+    name = ADAPTED_MODELS[name][0] if name in ADAPTED_MODELS else name
     with torch.random.fork_rng():
         torch.manual_seed(0)
         return _ARCHS[name](**DIGITS_MODELS[name])
@@ -112,6 +124,11 @@ def build_digits_arch(name: str) -> nn.Module:
 def checkpoint_path(name: str) -> Path:
     """Where the trained weights of ``name`` are cached (the hash covers arch, recipe and data split)."""
     build_digits_arch(name)  # validates the name
+    if name in ADAPTED_MODELS:
+        base, recipe = ADAPTED_MODELS[name]
+        spec = {"base": checkpoint_path(base).name, "adaptation": asdict(recipe)}
+        digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+        return cache_dir() / "models" / f"{name}-{digest}.safetensors"
     spec = {"arch": DIGITS_MODELS[name], "class": _ARCHS[name].__name__, "recipe": asdict(RECIPES[name]),
             "data": {"img_size": DIGITS_MODELS[name]["img_size"], "seed": _SPLIT_SEED,
                      "calib": CALIB_FRACTION, "test": TEST_FRACTION}}
@@ -126,13 +143,29 @@ def create_digits_model(name: str, progress: bool = True) -> nn.Module:
     if path.is_file():
         model.load_state_dict(safetensors.torch.load_file(str(path)))
         return model.eval()
-    splits = load_digits_splits(img_size=DIGITS_MODELS[name]["img_size"], seed=_SPLIT_SEED)
-    train_model(model, splits, RECIPES[name], description=f"training {name}", progress=progress)
+    if name in ADAPTED_MODELS:
+        base, recipe = ADAPTED_MODELS[name]
+        model.load_state_dict(create_digits_model(base, progress=progress).state_dict())
+        _adapt_to_windows(model, recipe, progress)
+    else:
+        splits = load_digits_splits(img_size=DIGITS_MODELS[name]["img_size"], seed=_SPLIT_SEED)
+        train_model(model, splits, RECIPES[name], description=f"training {name}", progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     os.replace(tmp, path)
     return model.eval()
+
+
+def _adapt_to_windows(model: nn.Module, recipe: TrainRecipe, progress: bool) -> None:
+    """SparseViT's sparsity-aware adaptation: every step runs a random window-ratio configuration."""
+    from hwnas.pruning.window_adaptation import train_step_hook  # pruning builds on the model zoo's timm models
+    from hwnas.pruning.windows import apply_window_ratios
+
+    splits = load_digits_splits(img_size=DIGITS_MODELS["digits-swin"]["img_size"], seed=_SPLIT_SEED)
+    hook = train_step_hook(model, torch.Generator().manual_seed(recipe.seed))
+    train_model(model, splits, recipe, description="sparsity-aware adaptation", progress=progress, before_step=hook)
+    apply_window_ratios(model, {})  # back to the dense structure
 
 
 def random_affine(x: Tensor, recipe: TrainRecipe, generator: torch.Generator) -> Tensor:
@@ -153,8 +186,11 @@ def random_affine(x: Tensor, recipe: TrainRecipe, generator: torch.Generator) ->
 
 
 def train_model(model: nn.Module, splits: DigitsSplits, recipe: TrainRecipe, description: str = "training",
-                progress: bool = True) -> None:
-    """Train ``model`` in place on the training split (deterministic for a fixed recipe seed)."""
+                progress: bool = True, before_step: Callable[[], None] | None = None) -> None:
+    """Train ``model`` in place on the training split (deterministic for a fixed recipe seed).
+
+    ``before_step`` runs before every optimisation step (e.g. to draw a random sparsity configuration).
+    """
     generator = torch.Generator().manual_seed(recipe.seed)
     n = len(splits.train_y)
     steps_per_epoch = math.ceil(n / recipe.batch_size)
@@ -172,6 +208,8 @@ def train_model(model: nn.Module, splits: DigitsSplits, recipe: TrainRecipe, des
             loss_sum, correct = 0.0, 0
             for batch in torch.randperm(n, generator=generator).split(recipe.batch_size):
                 x = random_affine(splits.train_x[batch], recipe, generator)
+                if before_step is not None:
+                    before_step()
                 logits = model(x)
                 loss = F.cross_entropy(logits, splits.train_y[batch], label_smoothing=recipe.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)

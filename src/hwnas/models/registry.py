@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from hwnas.errors import HwnasError
-from hwnas.models.digits import DIGITS_MODELS, build_digits_arch, create_digits_model
+from hwnas.models.digits import BUILTIN_MODELS, build_digits_arch, create_digits_model
 
 
 def is_builtin(name: str) -> bool:
-    return name in DIGITS_MODELS
+    return name in BUILTIN_MODELS
 
 
 def build_arch(spec: dict) -> nn.Module:
@@ -27,7 +27,7 @@ def build_arch(spec: dict) -> nn.Module:
     if is_builtin(name):
         return build_digits_arch(name).eval()
     if not timm.is_model(name):
-        raise HwnasError(f"unknown model '{name}': not a built-in ({', '.join(DIGITS_MODELS)}) "
+        raise HwnasError(f"unknown model '{name}': not a built-in ({', '.join(BUILTIN_MODELS)}) "
                          "nor a timm model name (see timm.list_models())")
     try:
         return timm.create_model(name, pretrained=False, **spec.get("kwargs", {})).eval()

@@ -1,7 +1,8 @@
 """One call transforms a model: ``apply_config(model, space, config, pruner)`` returns the pruned copy.
 
 Weight transforms (``block_sparsity`` with its ``block_size``) take their pruned weights from a
-``BlockPruner``; structural transforms (``token_keep``) only change how the model runs.
+``BlockPruner``; structural transforms (``token_keep``, ``window_ratio``) only change how the
+model runs.
 ``apply_structure`` applies the structural ones alone: an export's weights already hold the rest.
 """
 
@@ -17,10 +18,11 @@ from hwnas.errors import HwnasError
 from hwnas.pruning.block_obs import DEFAULT_LEVELS
 from hwnas.pruning.block_pruner import DEFAULT_BLOCK, BlockPruner, layer_levels
 from hwnas.pruning.tokens import apply_token_keep
+from hwnas.pruning.windows import apply_window_ratios
 from hwnas.spaces import Config, Space
 
 WEIGHT_TRANSFORMS = ("block_sparsity", "block_size")
-STRUCTURAL_TRANSFORMS = ("token_keep",)
+STRUCTURAL_TRANSFORMS = ("token_keep", "window_ratio")
 
 
 def apply_config(model: nn.Module, space: Space, config: Config, pruner: BlockPruner | None = None) -> nn.Module:
@@ -102,4 +104,6 @@ def _by_transform(space: Space, config: Config) -> dict[str, dict[Any, Any]]:
 def _apply_structural(model: nn.Module, by_transform: dict[str, dict[Any, Any]]) -> nn.Module:
     if "token_keep" in by_transform:
         apply_token_keep(model, by_transform["token_keep"])
+    if "window_ratio" in by_transform:
+        apply_window_ratios(model, by_transform["window_ratio"])
     return model.eval()

@@ -150,6 +150,12 @@ class LayerDatabase:
     Each (layer, level) entry stores the block mask and the kept b×b blocks of the compensated
     weight (row-major block order), so storage scales with density. Build once per model, then
     ``weight`` / ``apply_block_sparsity`` assemble any configuration without recomputation.
+
+    ``losses[layer][i]`` is the second-order loss the pruned weight at level ``i`` leaves,
+    ½·tr(ΔW H ΔWᵀ) = the mean squared error of the layer's output over the calibration rows, and
+    ``output_energy[layer]`` the same for the dense output (½·tr(W H Wᵀ)), so loss / output_energy
+    is the relative error (LPViT's allocation sums them). Both are empty in databases written
+    before they were recorded.
     """
 
     def __init__(self, block: int, levels: Sequence[float], shapes: dict[str, tuple[int, int]], meta: dict | None = None):
@@ -157,6 +163,8 @@ class LayerDatabase:
         self.levels = tuple(float(level) for level in levels)
         self.shapes = dict(shapes)
         self.meta = dict(meta or {})
+        self.losses: dict[str, list[float]] = {}
+        self.output_energy: dict[str, float] = {}
         self._masks: dict[tuple[str, int], Tensor] = {}
         self._values: dict[tuple[str, int], Tensor] = {}
 
@@ -192,14 +200,18 @@ class LayerDatabase:
         with _ProgressBar(progress, "pruning", len(layers) * len(levels)) as bar:
             for name, layer in layers.items():
                 weight = layer.weight.detach()
-                upper = _hessian_factors(hessians.pop(name), damp, f"layer '{name}'")
+                hessian = hessians.pop(name)
+                upper = _hessian_factors(hessian, damp, f"layer '{name}'")
                 saliency = _obs_saliency(weight, upper, block)
+                db.output_energy[name] = _quadratic_loss(weight, hessian)
+                db.losses[name] = []
                 for i, level in enumerate(levels):
                     if level == 0:
                         pruned, mask = weight, torch.ones(_grid(weight, block), dtype=torch.bool, device=weight.device)
                     else:
                         mask = _mask_from_scores(saliency, level)
                         pruned = _compensate(weight, upper, mask, block)
+                    db.losses[name].append(_quadratic_loss(pruned.to(weight.dtype) - weight, hessian) if level else 0.0)
                     db._store(name, i, pruned, mask)
                     bar.advance()
         return db
@@ -224,7 +236,8 @@ class LayerDatabase:
             tensors[f"{name}/{i}/mask"] = mask.contiguous()
             tensors[f"{name}/{i}/values"] = self._values[(name, i)].contiguous()
         header = {"format": _FORMAT, "version": _VERSION, "block": self.block, "levels": list(self.levels),
-                  "shapes": {n: list(s) for n, s in self.shapes.items()}, "meta": self.meta}
+                  "shapes": {n: list(s) for n, s in self.shapes.items()}, "meta": self.meta,
+                  "losses": self.losses, "output_energy": self.output_energy}
         save_file(tensors, str(path), metadata={"hwnas": json.dumps(header)})
         return path
 
@@ -240,6 +253,8 @@ class LayerDatabase:
                 if header.get("format") != _FORMAT or header.get("version") != _VERSION:
                     raise HwnasError(f"{path} is not a {_FORMAT} v{_VERSION} layer database")
                 db = cls(header["block"], header["levels"], {n: tuple(s) for n, s in header["shapes"].items()}, header["meta"])
+                db.losses = {n: [float(x) for x in v] for n, v in header.get("losses", {}).items()}
+                db.output_energy = {n: float(x) for n, x in header.get("output_energy", {}).items()}
                 for name in db.shapes:
                     for i in range(len(db.levels)):
                         db._masks[(name, i)] = f.get_tensor(f"{name}/{i}/mask")
@@ -356,6 +371,12 @@ def _obs_saliency(weight: Tensor, upper: Tensor, block: int) -> Tensor:
     err = torch.linalg.solve_triangular(diag_blocks, w, upper=True, left=False)
     per_row = err.pow(2).sum(dim=-1)  # [in/b, out]
     return 0.5 * per_row.reshape(cols, rows, block).sum(dim=-1).T
+
+
+def _quadratic_loss(delta: Tensor, hessian: Tensor) -> float:
+    """½·tr(Δ H Δᵀ) for ``delta`` [out, in] (fp32 matmul): the mean squared output error over calibration rows."""
+    delta = delta.float()
+    return float(0.5 * ((delta @ hessian.to(delta.device, torch.float32)) * delta).sum())
 
 
 def _compensate(weight: Tensor, upper: Tensor, mask: Tensor, block: int) -> Tensor:

@@ -25,6 +25,7 @@ from hwnas.pruning.block_obs import DEFAULT_LEVELS, LayerDatabase, find_linear_l
 
 DEFAULT_BLOCK = 32
 DAMP = 0.01
+CACHE_REVISION = 2  # bumped when databases gain fields the search reads (2: per-level losses for lpvit)
 
 
 def resolve_targets(model: nn.Module, target: Any) -> list[str]:
@@ -85,7 +86,7 @@ class BlockPruner:
 
     def _key(self, block: int) -> str:
         digest = hashlib.sha256(self._inputs_digest)
-        digest.update(repr((block, DEFAULT_LEVELS, DAMP, type(self.model).__name__)).encode())
+        digest.update(repr((block, DEFAULT_LEVELS, DAMP, type(self.model).__name__, CACHE_REVISION)).encode())
         return f"b{block}-{digest.hexdigest()[:16]}"
 
     @functools.cached_property

@@ -18,6 +18,8 @@ OBJECTIVES: dict[str, tuple[str, str]] = {
     "fidelity": ("fidelity_kl", "min"),
     "latency": ("latency_ms", "min"),
     "energy": ("energy_mj", "min"),
+    "latency_predicted": ("latency_ms_predicted", "min"),  # the fitted cost model's (hwprofiles/cost_model.py)
+    "energy_predicted": ("energy_mj_predicted", "min"),
     "flops": ("flops", "min"),
     "params": ("params", "min"),
 }
@@ -30,6 +32,8 @@ _FRACTION = {"%": 1e-2, "": 1.0}
 BUDGET_KEYS: dict[str, tuple[str, dict[str, float]]] = {
     "latency": ("latency_ms", _TIME),
     "energy": ("energy_mj", _ENERGY),
+    "latency_predicted": ("latency_ms_predicted", _TIME),
+    "energy_predicted": ("energy_mj_predicted", _ENERGY),
     "flops": ("flops", _COUNT),
     "params": ("params", _COUNT),
     "accuracy_drop": ("accuracy_drop", _FRACTION),

@@ -8,6 +8,7 @@ configuration already evaluated in the study (same hash) is not measured again.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import optuna
@@ -92,6 +93,8 @@ class PymooNSGA2:
     from where it stopped instead of starting again.
     """
 
+    generational = True  # proposes whole generations, trials attached by the runner
+
     def __init__(self, space: Space, n_objectives: int, n_constraints: int, population: int, seed: int,
                  initial: list[tuple[Config, np.ndarray, np.ndarray]] | None = None):
         self.space = space
@@ -129,12 +132,17 @@ class PymooNSGA2:
         self.algorithm.tell(infills=self._population)
 
 
-OPTIMIZERS = ("nsga2", "optuna-nsga2", "optuna-tpe", "random")
+OPTIMIZERS = ("nsga2", "optuna-nsga2", "optuna-tpe", "evolution", "random", "lpvit")
 
 
 def make_optimizer(name: str, space: Space, n_objectives: int, n_constraints: int, population: int, seed: int,
-                   initial: list[tuple[Config, np.ndarray, np.ndarray]] | None = None):
+                   initial: list[tuple[Config, np.ndarray, np.ndarray]] | None = None,
+                   within_budget: Callable[[Config], bool] | None = None, cost_model=None, budget=None):
     """The optimizer named on the command line. ``seed`` is already offset for resumed studies.
+
+    ``within_budget`` predicts whether a configuration meets the budget (evolution's rejection
+    sampling); ``initial`` holds a resumed study's (config, minimised objectives, constraints).
+    ``cost_model`` (a fitted ``CostModel``) and ``budget`` drive lpvit's allocation.
 
     Optuna's samplers read the budget from each trial's constraints (``Trial.set_constraint``).
     """
@@ -146,6 +154,16 @@ def make_optimizer(name: str, space: Space, n_objectives: int, n_constraints: in
     if name == "optuna-tpe":
         return OptunaOptimizer(optuna.samplers.TPESampler(
             seed=seed, multivariate=True, n_startup_trials=population), space)
+    if name == "evolution":
+        from hwnas.search.evolution import Evolution  # evolution.py builds on this module's Proposal
+        return Evolution(space, population, seed, within_budget, initial=initial)
     if name == "random":
         return OptunaOptimizer(optuna.samplers.RandomSampler(seed=seed), space)
+    if name == "lpvit":
+        from hwnas.pruning.block_obs import DEFAULT_LEVELS
+        from hwnas.search.allocation import LpvitAllocation, layer_losses  # allocation.py builds on Proposal
+
+        if cost_model is None:
+            raise HwnasError("lpvit needs the study's fitted cost model")
+        return LpvitAllocation(space, cost_model, layer_losses(space), DEFAULT_LEVELS, budget, seed, initial)
     raise HwnasError(f"unknown optimizer '{name}' (known: {', '.join(OPTIMIZERS)})")

@@ -12,7 +12,8 @@ from rich.table import Table
 from hwnas.search.objectives import format_metric
 from hwnas.search.pareto import Record, hypervolume, pareto_front
 
-TABLE_METRICS = ("accuracy", "fidelity_kl", "latency_ms", "energy_mj", "flops", "params")
+TABLE_METRICS = ("accuracy", "fidelity_kl", "latency_ms", "latency_ms_predicted", "energy_mj", "energy_mj_predicted",
+                 "flops", "params")
 
 
 def pareto_document(study_dir, records: list[Record], baseline: dict) -> dict:
@@ -29,8 +30,40 @@ def pareto_document(study_dir, records: list[Record], baseline: dict) -> dict:
         "baseline": {"config": baseline["config"], "metrics": baseline["metrics"]},
         "trials": {"complete": len(records), "feasible": sum(r.feasible for r in records)},
         "hypervolume": hypervolume(front, objectives, baseline["metrics"]),
+        "predicted": prediction_errors(records, study_dir.path),
         "points": [{"trial": r.trial, "config": r.config, "metrics": r.metrics} for r in front],
     }
+
+
+def prediction_errors(records: list[Record], study_path: Path | None = None) -> dict:
+    """Per predicted metric, its relative error against the measured one over the trials holding both,
+    with the cost model's error on its held-out calibration measurements (``cost_model.json``)."""
+    from hwnas.hwprofiles.cost_model import PREDICTED, error_summary
+
+    file = Path(study_path or "") / "cost_model.json"
+    held_out = json.loads(file.read_text()).get("fit_error", {}) if study_path and file.is_file() else {}
+    errors = {}
+    for measured, predicted in PREDICTED.items():
+        pairs = [(r.metrics[predicted], r.metrics[measured]) for r in records
+                 if predicted in r.metrics and measured in r.metrics]
+        if pairs:
+            errors[predicted] = {**error_summary(*zip(*pairs)), "measured": measured,
+                                 "held_out_at_fit": held_out.get(predicted)}
+    return errors
+
+
+def prediction_lines(errors: dict) -> list[str]:
+    """One line per predicted metric: its median and max relative error against the measured metric."""
+    lines = []
+    for metric, e in errors.items():
+        line = (f"{metric}: median error {100 * e['median_rel_error']:.1f}% (max {100 * e['max_rel_error']:.1f}%) "
+                f"against the measured {e['measured']} of {e['n']} trials")
+        fit = e.get("held_out_at_fit")
+        if fit:
+            line += (f"; {100 * fit['median_rel_error']:.1f}% (max {100 * fit['max_rel_error']:.1f}%) on "
+                     f"{fit['n']} held-out calibration measurements")
+        lines.append(line)
+    return lines
 
 
 def write_pareto(study_dir, records: list[Record], baseline: dict) -> Path:
@@ -90,6 +123,7 @@ def write_report(study_dir, records: list[Record], front: list[Record], baseline
         f"- objectives: {', '.join(f'{o.direction} {o.metric}' for o in objectives)}",
         f"- budget: {study_dir.budget.describe()}",
         f"- hypervolume (normalised by the dense baseline): {hv:.4f}",
+        *[f"- {line}" for line in prediction_lines(prediction_errors(records, study_dir.path))],
         "",
         "| trial | " + " | ".join(metrics) + " | config |",
         "|---|" + "---|" * len(metrics) + "---|",

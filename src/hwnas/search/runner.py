@@ -16,8 +16,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hwnas.errors import BudgetError, HwnasError
+from hwnas.search.costs import study_cost_model
 from hwnas.search.objectives import format_metric
-from hwnas.search.optimizers import Proposal, PymooNSGA2, make_optimizer
+from hwnas.search.optimizers import Proposal, make_optimizer
 from hwnas.search.pareto import Record, hypervolume, pareto_front
 from hwnas.search.report import write_pareto, write_report
 from hwnas.search.study import StudyDir
@@ -57,6 +58,10 @@ class SearchRun:
         study = self.dir.load()
         self._fail_stale(study)
         baseline = self._baseline(study)
+        self.cost_model = study_cost_model(self.dir, self.pool, baseline, self.console, self.show_progress)
+        if self.cost_model is not None and not set(self.cost_model.metrics) <= set(baseline["metrics"]):
+            baseline["metrics"].update(self.cost_model.predict(baseline["config"]))  # labelled _predicted
+            study.set_user_attr("baseline", baseline)
         records = self.dir.records(study)
         self.cache = {r.config_hash: r for r in records}
         # the unpruned configuration is already measured: proposing it costs nothing
@@ -65,10 +70,12 @@ class SearchRun:
                                                     self.budget.feasible(baseline["metrics"], baseline["metrics"]),
                                                     identity_hash))
         n_trials_so_far = len(study.trials)
-        initial = [(r.config, None, None) for r in records] if records else None
+        initial = [(r.config, np.array(self._minimised_metrics(r.metrics)),
+                    np.array(self.budget.constraints(r.metrics, baseline["metrics"]))) for r in records] or None
         self.optimizer = make_optimizer(
             settings.optimizer, self.dir.space, len(self.objectives), len(self.budget.limits),
-            settings.population_size(), settings.seed + n_trials_so_far, initial)
+            settings.population_size(), settings.seed + n_trials_so_far, initial,
+            within_budget=self._predicted_budget(baseline), cost_model=self.cost_model, budget=self.budget)
         study = self.dir.load(self.optimizer.sampler)
         self.study, self.baseline, self.records = study, baseline, records
 
@@ -113,10 +120,22 @@ class SearchRun:
             study.set_user_attr("budget", self.budget.limits)
         return baseline
 
+    def _predicted_budget(self, baseline: dict):
+        """Evolution's rejection filter (None for the other optimizers, or without a budget)."""
+        if self.dir.settings.optimizer != "evolution" or not self.budget.limits:
+            return None
+        from hwnas.hwprofiles.cost_model import CostModel
+        from hwnas.models.registry import build_arch
+        from hwnas.search.evolution import PredictedBudget
+
+        space = self.dir.space
+        cost_model = self.cost_model or CostModel.for_space(space, build_arch(space.model))
+        return PredictedBudget(space, self.budget, baseline["metrics"], cost_model)
+
     def _check_metrics(self, metrics: dict) -> None:
         needed = [o.metric for o in self.objectives] + [
             "accuracy" if m == "accuracy_drop" else m for m in self.budget.limits]
-        missing = [m for m in needed if m not in metrics]
+        missing = [m for m in needed if m not in metrics and not m.endswith("_predicted")]  # the cost model's
         if missing:
             hint = " (the data has no labels: use --objectives fidelity,latency)" if "accuracy" in missing else ""
             raise HwnasError(f"this evaluation does not measure {', '.join(missing)}{hint}")
@@ -124,7 +143,7 @@ class SearchRun:
     def _next_batch(self, remaining: int) -> list[Proposal]:
         """Proposals to evaluate now; cached configurations are answered without a new measurement."""
         batch = self.optimizer.ask(self.study, max(1, min(remaining, self.pool.workers)))
-        if isinstance(self.optimizer, PymooNSGA2):
+        if getattr(self.optimizer, "generational", False):
             new = 0
             for proposal in batch:
                 cached = self.cache.get(proposal.config_hash)
@@ -149,9 +168,11 @@ class SearchRun:
         for outcome in self.pool.evaluate([p.config for p in todo]):
             proposal = todo[outcome.index]
             proposal.metrics, proposal.error = outcome.metrics, outcome.error
+            if proposal.metrics and self.cost_model is not None:
+                proposal.metrics = {**proposal.metrics, **self.cost_model.predict(proposal.config)}
             self._record(proposal)
             on_record()
-        if isinstance(self.optimizer, PymooNSGA2) and all(p.metrics or p.error for p in batch):
+        if getattr(self.optimizer, "generational", False) and all(p.metrics or p.error for p in batch):
             self.optimizer.tell(batch, np.array([self._minimised(p) for p in batch]))
 
     def _fill_from(self, proposal: Proposal, cached: Record) -> None:
@@ -185,7 +206,10 @@ class SearchRun:
     def _minimised(self, proposal: Proposal) -> list[float]:
         if proposal.error:
             return [FAILED_VALUE] * len(self.objectives)
-        return [o.minimised(proposal.metrics[o.metric]) for o in self.objectives]
+        return self._minimised_metrics(proposal.metrics)
+
+    def _minimised_metrics(self, metrics: dict) -> list[float]:
+        return [o.minimised(metrics[o.metric]) for o in self.objectives]
 
     def _fail_stale(self, study: optuna.Study) -> None:
         """Trials left RUNNING by a killed driver are recorded as failed (they never finished)."""
