@@ -29,7 +29,7 @@ from hwnas.errors import HwnasError
 from hwnas.hwprofiles.cost_model import PREDICTED, CostModel
 from hwnas.pruning.block_pruner import DEFAULT_BLOCK
 from hwnas.search.objectives import Budget
-from hwnas.search.optimizers import Proposal
+from hwnas.search.optimizers import Proposal, enqueued_trial
 from hwnas.spaces import Config, Space, config_hash
 
 _TRIES_PER_ASK = 256  # targets tried per ask before giving up on finding a new allocation
@@ -148,9 +148,8 @@ class LpvitAllocation:
             if config_hash(config) in self._seen:
                 continue
             self._seen.add(config_hash(config))
-            study.enqueue_trial(config, skip_if_exists=False)
-            trial = study.ask()
-            proposals.append(Proposal(self.space.suggest(trial), trial))
+            trial, config = enqueued_trial(study, self.space, config)
+            proposals.append(Proposal(config, trial))
         return proposals
 
     def tell(self, proposals: list[Proposal], minimised: np.ndarray) -> None:

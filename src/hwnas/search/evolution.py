@@ -43,7 +43,7 @@ class Evolution:
         for config, minimised, constraints in initial or []:  # a resumed study's evaluations
             self._score(config, constraints, minimised)
 
-    # ---- protocol shared with PymooNSGA2 ------------------------------------------------------
+    # ---- protocol shared with PymooNSGA2 (generational: the runner creates the trials) ---------
     def ask(self, study: optuna.Study, n: int) -> list[Proposal]:
         """One generation of ``population`` configurations (``n`` is ignored)."""
         if len(self.scored) < self.top_k:
@@ -55,12 +55,6 @@ class Evolution:
             configs = [self._draw(lambda: self._mutate(parents)) if i % 2 == 0
                        else self._draw(lambda: self._crossover(parents)) for i in range(self.population)]
         return [Proposal(config, None) for config in configs]
-
-    def attach_trial(self, study: optuna.Study, proposal: Proposal) -> None:
-        """Create the Optuna trial that records this proposal, with its parameters fixed."""
-        study.enqueue_trial(proposal.config, skip_if_exists=False)
-        proposal.trial = study.ask()
-        proposal.config = self.space.suggest(proposal.trial)
 
     def tell(self, proposals: list[Proposal], minimised: np.ndarray) -> None:
         """Remember each measured configuration's (total budget violation, first objective)."""

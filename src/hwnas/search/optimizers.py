@@ -40,6 +40,13 @@ class Proposal:
         return config_hash(self.config)
 
 
+def enqueued_trial(study: optuna.Study, space: Space, config: Config) -> tuple[optuna.Trial, Config]:
+    """A new trial of ``study`` with its parameters fixed to ``config``, and the configuration as it records it."""
+    study.enqueue_trial(config, skip_if_exists=False)
+    trial = study.ask()
+    return trial, space.suggest(trial)
+
+
 class OptunaOptimizer:
     """Any Optuna sampler, asked ``batch`` trials at a time."""
 
@@ -93,7 +100,7 @@ class PymooNSGA2:
     from where it stopped instead of starting again.
     """
 
-    generational = True  # proposes whole generations, trials attached by the runner
+    generational = True  # proposes whole generations; the runner creates their trials (enqueued_trial)
 
     def __init__(self, space: Space, n_objectives: int, n_constraints: int, population: int, seed: int,
                  initial: list[tuple[Config, np.ndarray, np.ndarray]] | None = None):
@@ -119,12 +126,6 @@ class PymooNSGA2:
             config = self.space.decode(x)
             proposals.append(Proposal(config, None))
         return proposals
-
-    def attach_trial(self, study: optuna.Study, proposal: Proposal) -> None:
-        """Create the Optuna trial that records this proposal, with its parameters fixed."""
-        study.enqueue_trial(proposal.config, skip_if_exists=False)
-        proposal.trial = study.ask()
-        proposal.config = self.space.suggest(proposal.trial)
 
     def tell(self, proposals: list[Proposal], minimised: np.ndarray) -> None:
         constraints = np.array([p.constraints for p in proposals], dtype=float).reshape(len(proposals), -1)

@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from hwnas.errors import BudgetError, HwnasError
 from hwnas.search.costs import study_cost_model
 from hwnas.search.objectives import format_metric
-from hwnas.search.optimizers import Proposal, make_optimizer
+from hwnas.search.optimizers import Proposal, enqueued_trial, make_optimizer
 from hwnas.search.pareto import Record, hypervolume, pareto_front
 from hwnas.search.report import write_pareto, write_report
 from hwnas.search.study import StudyDir
@@ -150,7 +150,7 @@ class SearchRun:
                 if cached is not None:
                     self._fill_from(proposal, cached)
                 elif new < remaining:
-                    self.optimizer.attach_trial(self.study, proposal)
+                    proposal.trial, proposal.config = enqueued_trial(self.study, self.dir.space, proposal.config)
                     new += 1
         return batch
 
