@@ -32,7 +32,7 @@ from hwnas.errors import BudgetError
 from hwnas.evaluators.evaluator import Evaluator
 from hwnas.evaluators.pool import LocalPool
 from hwnas.hwprofiles.latency import measure
-from hwnas.pruning.windows import apply_window_ratios, swin_blocks, window_sparsity
+from hwnas.pruning.windows import apply_window_ratios, stage_targets, swin_blocks, window_sparsity
 from hwnas.search.runner import RunSummary, SearchRun
 from hwnas.search.study import RunSettings, StudyDir
 from hwnas.spaces import load_space
@@ -67,7 +67,7 @@ def _speed_rows(resolution: int, device: torch.device, scratch: Path, quick: boo
     uniform = {t: UNIFORM for t in targets}
     warmup, repeats = (10, 50) if cuda else (1, 3) if quick or resolution > 224 else (2, 10)
 
-    searched, budget_ms = _search(resolution, UNIFORM, targets, device, scratch, quick)
+    searched, budget_ms = _search(resolution, UNIFORM, stage_targets(dense), device, scratch, quick)
 
     configs = {"dense": {}, "uniform": uniform, "searched": searched}
     models = {name: apply_window_ratios(copy.deepcopy(dense), ratios).to(device, dtype)
@@ -88,22 +88,18 @@ def _speed_rows(resolution: int, device: torch.device, scratch: Path, quick: boo
     return rows
 
 
-def _search(resolution: int, uniform: float, targets, device: torch.device, scratch: Path,
+def _search(resolution: int, uniform: float, stages: list[list[int]], device: torch.device, scratch: Path,
             quick: bool) -> tuple[dict[int, float], float]:
     """Evolution over per-block window ratios at batch 1 with the latency of ``uniform`` ratios as the
     budget (measured as the study measures its trials): the most faithful feasible point, and the budget."""
-    model = timm.create_model(MODEL, pretrained=False, img_size=resolution)
-    stages: dict[int, list[int]] = {}
-    for target, (stage, _) in zip(targets, swin_blocks(model)):
-        stages.setdefault(stage, []).append(target)
     space = {
         "name": f"swin-tiny-{resolution}-windows",
         "model": {"name": MODEL, "kwargs": {"img_size": resolution}},
         "data": {"imagefolder": str(_images(scratch)), "max_images": 8},
         "measure": {"batch_size": 1, "warmup": 2, "repeats": 5},
-        "dimensions": [{"name": "ratio", "transform": "window_ratio", "targets": list(targets),
+        "dimensions": [{"name": "ratio", "transform": "window_ratio", "targets": [t for s in stages for t in s],
                         "values": {"low": 0.0, "high": 0.8, "step": 0.1}, "order": "non_decreasing",
-                        "stages": list(stages.values())}],
+                        "stages": stages}],
     }
     loaded = load_space(space)
     budget_ms = Evaluator(loaded, device=str(device)).evaluate(

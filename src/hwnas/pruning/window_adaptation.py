@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from hwnas.pruning.windows import apply_window_ratios, swin_blocks
+from hwnas.pruning.windows import apply_window_ratios, stage_targets
 
 #: SparseViT's grid of window ratios
 RATIO_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -22,11 +22,10 @@ RATIO_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 def random_window_ratios(model: nn.Module, generator: torch.Generator,
                          grid: Sequence[float] = RATIO_GRID) -> dict[int, float]:
     """A random valid configuration: per block a ratio from ``grid``, non-decreasing inside each stage."""
-    where = swin_blocks(model)
-    draws = torch.randint(len(grid), (len(where),), generator=generator).tolist()
+    stages = stage_targets(model)
+    draws = torch.randint(len(grid), (sum(map(len, stages)),), generator=generator).tolist()
     ratios: dict[int, float] = {}
-    for stage in sorted({s for s, _ in where}):
-        targets = [t for t, (s, _) in enumerate(where) if s == stage]
+    for targets in stages:
         for target, index in zip(targets, sorted(draws[t] for t in targets)):
             ratios[target] = float(grid[index])
     return ratios

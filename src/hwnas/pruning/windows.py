@@ -101,6 +101,14 @@ def swin_blocks(model: nn.Module) -> list[tuple[int, int]]:
     return [(s, b) for s, stage in enumerate(layers) for b in range(len(stage.blocks))]
 
 
+def stage_targets(model: nn.Module) -> list[list[int]]:
+    """The global block indices of each stage, in order (the stages of a non-decreasing ratio order)."""
+    stages: dict[int, list[int]] = {}
+    for target, (stage, _) in enumerate(swin_blocks(model)):
+        stages.setdefault(stage, []).append(target)
+    return list(stages.values())
+
+
 def stage_ratios(model: nn.Module, ratios: dict[int, float]) -> list[list[float]]:
     """Per stage, the ratio of each block (0 where ``ratios`` names none); validates targets and values."""
     where = swin_blocks(model)
