@@ -108,12 +108,18 @@ def test_export_loads_and_matches_the_evaluated_candidate(budget_run, tmp_path):
     measured = evaluator.measure_model(loaded)
     assert measured["accuracy"] == pytest.approx(manifest["metrics"]["accuracy"], abs=1e-9)
     assert measured["flops"] == manifest["metrics"]["flops"]
-    ratio = measured["latency_ms"] / manifest["metrics"]["latency_ms"]
-    assert 1 / 1.5 < ratio < 1.5, f"latency {measured['latency_ms']:.1f} ms now vs {manifest['metrics']['latency_ms']:.1f} ms recorded"
+    assert measured["latency_ms"] > 0  # its value is a timing, compared in benchmarks, not here
 
     result = search("eval", str(export))
     assert result.returncode == 0, result.stderr
     assert "latency_ms" in result.stdout and "recorded by the study" in result.stdout
+
+    tuned = tmp_path / "tuned"
+    result = search("finetune", str(export), "-o", str(tuned), "--epochs", "1", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "distilled" in result.stdout
+    after = json.loads((tuned / "hwnas.json").read_text())["finetune"]["accuracy_after"]
+    assert evaluator.measure_model(hwnas.load(tuned))["accuracy"] == pytest.approx(after, abs=1e-9)
 
 
 def _default_sigint() -> None:

@@ -1,4 +1,4 @@
-"""Token-keep schedules on timm ViTs: identity at 1.0, the right tokens kept, the right counts, errors."""
+"""Token-keep schedules on timm ViTs: identity at 1.0, the right counts, what each method keeps and fuses, errors."""
 
 import copy
 
@@ -7,7 +7,9 @@ import timm
 import torch
 
 from hwnas.errors import HwnasError
-from hwnas.pruning.tokens import apply_token_keep, block_with_cls_attention, keep_counts, keep_top_tokens
+from hwnas.pruning.token_methods import (TOKEN_METHODS, EvitMethod, RandomMethod, TokenState, TomeMethod, UccMethod,
+                                         spectral_energy)
+from hwnas.pruning.tokens import apply_token_keep, keep_counts, observed_block
 
 
 @pytest.fixture(scope="module")
@@ -24,41 +26,145 @@ def test_all_ones_is_exactly_timm(vit):
     assert type(pruned.blocks) is type(vit.blocks)
 
 
-def test_blocks_process_the_scheduled_token_counts(vit):
+@pytest.mark.parametrize("method", list(TOKEN_METHODS))
+def test_blocks_process_the_scheduled_token_counts(vit, method):
     schedule = {2: 0.5, 3: 0.5, 5: 0.25}
     assert keep_counts(vit, schedule) == [None, None, 8, 8, None, 4] + [None] * 6
-    pruned = apply_token_keep(copy.deepcopy(vit), schedule)
+    pruned = apply_token_keep(copy.deepcopy(vit), schedule, method)
     assert pruned.blocks.prune_to[:6] == [None, None, 8, None, None, 4]
-    assert pruned.blocks.scores_for_next[:6] == [False, True, False, False, True, False]
     seen = []
     for block in pruned.blocks:  # norm1 sees every block's input, whichever path runs the block
         block.norm1.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
     with torch.inference_mode():
         out = pruned(torch.randn(3, 3, 64, 64))
-    assert out.shape == (3, 10)
+    assert out.shape == (3, 10) and torch.isfinite(out).all()
     assert seen == [17, 17, 9, 9, 9] + [5] * 7  # 16 patches + class token
 
 
-def test_keep_top_tokens_picks_highest_scores_in_order():
-    x = torch.arange(2 * 5 * 1, dtype=torch.float32).reshape(2, 5, 1)  # token i has value i (+5 for image 1)
-    scores = torch.tensor([[0.1, 0.9, 0.3, 0.8], [0.5, 0.1, 0.2, 0.7]])  # over the 4 patch tokens
-    kept = keep_top_tokens(x, scores, keep=2, num_prefix_tokens=1)
-    assert kept[0, :, 0].tolist() == [0, 2, 4]   # cls, patches 1 and 3 (scores 0.9, 0.8), original order
-    assert kept[1, :, 0].tolist() == [5, 6, 9]   # cls, patches 0 and 3
+def test_what_each_method_observes(vit):
+    schedule = {2: 0.5, 5: 0.25}
+    blocks = {m: apply_token_keep(copy.deepcopy(vit), schedule, m).blocks for m in TOKEN_METHODS}
+    assert blocks["ucc"].observes[:6] == [True] * 5 + [False]          # accumulates from block 0 to the last cut
+    assert blocks["tome"].observes[:6] == [False, True, False, False, True, False]  # the block before each cut
+    assert blocks["random"].observes[:6] == [False] * 6
+    assert blocks["ucc"].size_bias[:6] == [False, False, True, True, True, True]  # proportional after the first cut
+    assert not any(blocks["evit"].size_bias)
 
 
-def test_scoring_block_matches_timm_and_explicit_attention(vit):
+def test_observed_block_matches_timm_and_explicit_attention(vit):
     block = vit.blocks[1]
     x = torch.randn(2, 17, vit.embed_dim)
     with torch.inference_mode():
-        out, scores = block_with_cls_attention(block, x, num_prefix_tokens=1)
+        out, attention, keys = observed_block(block, x, 1, want_attention=True, want_keys=True)
         assert torch.allclose(out, block(x), atol=1e-5)
+        ones, _, _ = observed_block(block, x, 1, size=torch.ones(2, 16))  # size 1 everywhere: no bias
+        assert torch.allclose(ones, block(x), atol=1e-5)
         attn = block.attn
-        h = block.norm1(x)
-        q, k, _ = attn.qkv(h).reshape(2, 17, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, _ = attn.qkv(block.norm1(x)).reshape(2, 17, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         probs = ((q @ k.transpose(-2, -1)) * attn.scale).softmax(-1)  # [B, H, N, N]
-        expected = probs[:, :, 0, 1:].mean(1)
-    assert torch.allclose(scores, expected, atol=1e-6)
+    assert torch.allclose(attention, probs[:, :, 0, 1:].mean(1), atol=1e-6)
+    assert torch.allclose(keys, k.mean(1)[:, 1:], atol=1e-6)
+
+
+def test_proportional_attention_equals_duplicated_tokens(vit):
+    """A token of size 2 attends like two identical copies of it: what ToMe's size bias means."""
+    block = vit.blocks[3]
+    x = torch.randn(1, 5, vit.embed_dim)
+    duplicated = torch.cat([x, x[:, 4:]], dim=1)
+    with torch.inference_mode():
+        out, _, _ = observed_block(block, x, 1, size=torch.tensor([[1.0, 1.0, 1.0, 2.0]]))
+        reference = block(duplicated)
+    assert torch.allclose(out, reference[:, :5], atol=1e-5)
+
+
+def _state(patches, **fields):
+    cls = torch.zeros(patches.shape[0], 1, patches.shape[2])
+    return TokenState(x=torch.cat([cls, patches], 1), prefix=1, grid=(2, 2), **fields)
+
+
+def test_ucc_keeps_the_best_scored_tokens_and_fuses_the_rest_into_the_most_similar():
+    patches = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.0, 3.0]]])
+    keys = patches.clone()  # similarity follows the features: patch 2 is like patch 0, patch 3 like patch 1
+    attention = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    state = _state(patches, attention=attention, attention_sum=attention, observed=1, keys=keys)
+    out = UccMethod(spectral_weight=0.0).reduce(state, keep=2)
+    relevance = torch.tensor([0.15, 0.05]) / 0.3  # pruned scores / weakest kept score
+    expected0 = (patches[0, 0] + relevance[0] * patches[0, 2]) / (1 + relevance[0])
+    expected1 = (patches[0, 1] + relevance[1] * patches[0, 3]) / (1 + relevance[1])
+    assert torch.allclose(out.patches[0], torch.stack([expected0, expected1]), atol=1e-6)
+    assert torch.allclose(out.size[0], 1 + relevance, atol=1e-6)
+    assert out.owner.tolist() == [[0, 1, 0, 1]]  # every patch of the grid belongs to the token it was fused into
+    assert torch.equal(out.x[:, :1], state.x[:, :1])  # class token untouched
+
+
+def test_ucc_scores_accumulate_over_blocks():
+    """One block's idiosyncrasy does not decide: the running mean of the attention does."""
+    method = UccMethod(spectral_weight=0.0)
+    state = _state(torch.randn(1, 4, 2), keys=torch.randn(1, 4, 2))
+    for attention in [[0.45, 0.35, 0.15, 0.05]] * 4 + [[0.0, 0.0, 0.1, 0.9]]:  # the last block alone would keep 3, 2
+        state = method.observe(state, torch.tensor([attention]), state.keys)
+    kept = method.reduce(state, keep=2).attention_sum
+    assert torch.allclose(kept, torch.tensor([[1.8, 1.4]]))  # tokens 0 and 1 stay
+
+
+def test_spectral_energy_is_high_on_edges_and_zero_on_flat_regions():
+    flat = torch.ones(1, 16, 3)
+    state = TokenState(x=torch.cat([torch.zeros(1, 1, 3), flat], 1), prefix=1, grid=(4, 4))
+    assert torch.allclose(spectral_energy(state), torch.zeros(1, 16), atol=1e-8)
+    edge = flat.clone()
+    edge[0, 5] = 5.0  # one bright patch in the middle of the grid
+    state = TokenState(x=torch.cat([torch.zeros(1, 1, 3), edge], 1), prefix=1, grid=(4, 4))
+    energy = spectral_energy(state)[0]
+    assert energy.argmax() == 5 and energy[15] < energy[5] / 4
+
+
+def test_tome_merges_the_most_similar_pairs_and_conserves_size():
+    patches = torch.tensor([[[1.0, 0.0], [1.0, 0.01], [0.0, 1.0], [-1.0, 0.2], [0.5, 0.5], [0.2, -1.0]]])
+    out = TomeMethod().reduce(_state(patches, keys=patches.clone()), keep=5)
+    assert out.patches.shape[1] == 5 and torch.allclose(out.size.sum(), torch.tensor(6.0))
+    merged = out.patches[0, out.size[0] == 2]
+    assert torch.allclose(merged, (patches[0, 0] + patches[0, 1]) / 2)  # the near-duplicates 0 and 1
+    out = TomeMethod().reduce(_state(patches, keys=patches.clone()), keep=2)  # more than one round
+    assert out.patches.shape[1] == 2 and torch.allclose(out.size.sum(), torch.tensor(6.0))
+
+
+def test_evit_fuses_the_inattentive_tokens_into_one():
+    patches = torch.arange(8.0).reshape(1, 4, 2)
+    attention = torch.tensor([[0.1, 0.6, 0.2, 0.1]])
+    out = EvitMethod().reduce(_state(patches, attention=attention), keep=3)
+    assert torch.allclose(out.patches[0, :2], patches[0, 1:3])  # the two most attended, in order
+    assert torch.allclose(out.patches[0, 2], (patches[0, 0] + patches[0, 3]) / 2)  # equal attention, equal weight
+
+
+def test_random_is_reproducible():
+    patches = torch.randn(2, 16, 4)
+    first, second = (RandomMethod().reduce(_state(patches), keep=5).patches for _ in range(2))
+    assert torch.equal(first, second) and first.shape == (2, 5, 4)
+
+
+@pytest.mark.parametrize("method", ["ucc", "tome"])
+def test_triton_merge_matches_torch(vit, method):
+    """The gather + weighted scatter-add kernels (TRITON_INTERPRET=1 on the CPU) give the torch path's tokens."""
+    pytest.importorskip("triton")
+    from hwnas.kernels.block_sparse import triton_available
+
+    if not triton_available(torch.device("cpu")):
+        pytest.skip("needs TRITON_INTERPRET=1")
+    torch.manual_seed(0)
+    patches, keys = torch.randn(2, 16, 8), torch.randn(2, 16, 4)
+    attention = torch.rand(2, 16)
+    state = TokenState(x=torch.cat([torch.zeros(2, 1, 8), patches], 1), prefix=1, grid=(4, 4), attention=attention,
+                       attention_sum=attention, observed=1, keys=keys)
+    cls = TOKEN_METHODS[method]
+    with torch.inference_mode():
+        expected = cls(use_triton=False).reduce(state, keep=6)
+        actual = cls(use_triton=True).reduce(state, keep=6)
+    assert torch.allclose(actual.x, expected.x, atol=1e-5) and torch.allclose(actual.size, expected.size)
+
+
+def test_unknown_token_method(vit):
+    with pytest.raises(HwnasError, match="unknown token method 'magic'"):
+        apply_token_keep(copy.deepcopy(vit), {2: 0.5}, "magic")
 
 
 @pytest.mark.parametrize("keep, message", [

@@ -1,4 +1,4 @@
-"""The ``search`` (alias ``hwnas``) command line: run, show, export, eval, bench.
+"""The ``search`` (alias ``hwnas``) command line: run, show, export, finetune, eval, bench.
 
 Bad input ends with one line on stderr and a non-zero exit (2; 3 for an impossible budget;
 130 when interrupted), never a traceback. ``HWNAS_DEBUG=1`` shows tracebacks of internal errors.
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--objectives", help="metrics to optimise (default accuracy,latency)")
     run.add_argument("--optimizer", help="nsga2 (pymoo, default) | optuna-nsga2 | optuna-tpe | "
                                           "evolution (SparseViT) | random | lpvit (LPViT's allocation)")
-    run.add_argument("--trials", type=int, help="finished trials the study should hold (default 24)")
+    run.add_argument("--trials", type=int, help="finished trials the study should hold (default 32)")
     run.add_argument("--population", type=int, help="population size of the evolutionary optimizers")
     run.add_argument("--workers", type=int, help="Ray evaluator actors (default 1; 0 evaluates in-process)")
     run.add_argument("--ray-address", help="join an existing Ray cluster instead of starting a local one")
@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--trial", type=int, help="trial number")
     which.add_argument("--pick", help="best front point by latency (default) | accuracy | energy | fidelity")
     export.add_argument("-o", "--output", required=True, help="output directory")
+
+    finetune = commands.add_parser("finetune", help="recover an export's accuracy by two-level distillation")
+    finetune.add_argument("dir", help="an export (search export ... -o DIR)")
+    finetune.add_argument("-o", "--output", required=True, help="new export directory")
+    finetune.add_argument("--epochs", type=int, help="training epochs (default 10)")
+    finetune.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     evaluate = commands.add_parser("eval", help="re-measure an exported model")
     evaluate.add_argument("dir")
@@ -202,6 +208,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from hwnas.export.finetune import finetune_export
+
+    summary = finetune_export(args.dir, args.output, epochs=args.epochs, progress=not args.no_progress)
+    _console().print(f"test accuracy: dense {summary['dense_accuracy']:.2%} · pruned {summary['accuracy_before']:.2%} "
+                     f"→ distilled {summary['accuracy_after']:.2%} ({summary['epochs']} epochs) · {args.output}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from hwnas.export.remeasure import remeasure
     from hwnas.search.objectives import format_metric
@@ -233,7 +248,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "show": cmd_show, "export": cmd_export, "eval": cmd_eval, "bench": cmd_bench}
+COMMANDS = {"run": cmd_run, "show": cmd_show, "export": cmd_export, "finetune": cmd_finetune, "eval": cmd_eval,
+            "bench": cmd_bench}
 
 
 if __name__ == "__main__":

@@ -1,63 +1,152 @@
-"""``search bench tokens``: a token-keep schedule against the dense model, side by side in one run.
+"""``search bench tokens``: token methods at matched FLOPs — accuracy on the digits DeiT, latency on timm DeiTs.
 
-timm ``deit_small_patch16_224`` (random weights: time does not depend on values) dense, and the
-same model with EViT's schedule, keep 0.7 of the tokens at blocks 4, 7 and 10 (so blocks 4-6,
-7-9 and 10-11 process 70%, 49% and 34.3% of the patch tokens), at batch 1 and 8.
+Every method cuts the same token counts at the same blocks, so FLOPs match (counted on the
+token counts alone; the scoring and merging ops add < 1 %).
+
+* **Accuracy** (``digits-deit``, no fine-tuning, on its 720 held-out images: the test and
+  calibration splits, neither seen in training — token methods need no calibration): for each
+  target FLOPs reduction (0.35, 0.5), every schedule of a fixed family (cuts at blocks
+  ``CUT_SETS``, the same keep ratio ρ at each cut) whose reduction is within ±0.02 of the target,
+  run with each method (``hwnas`` = UCC, ``tome``, ``evit``, ``random``) and with the UCC
+  ablations (``hwnas-spatial``: β = 0, attention only; ``hwnas-spectral``: β = 1;
+  ``hwnas-last``: the last block's attention instead of the accumulated one). The summary gives
+  each method its best schedule of the family (a method is judged by the best it can do at that
+  cost); the JSON holds every schedule.
+* **Latency** (``deit_small_patch16_224``, ``deit_base_patch16_224``, random weights, fp32 on the
+  CPU, batch 1 and 8): dense, ``hwnas`` and ``tome`` with cuts at blocks 3, 6, 9 and ρ bisected to
+  −50 % FLOPs, side by side in one run.
 """
 
 from __future__ import annotations
 
+import copy
+
 import timm
 import torch
 from rich.table import Table
+from torch import nn
 
 from hwnas.bench.record import result_row
+from hwnas.evaluators.metrics import accuracy, count_flops, fidelity_kl, predict_logits
 from hwnas.hwprofiles.latency import measure
+from hwnas.models.digits import create_digits_model, load_digits_splits
+from hwnas.pruning.token_methods import TokenMethod, UccMethod, token_method
 from hwnas.pruning.tokens import apply_token_keep
 
-MODEL = "deit_small_patch16_224"
-PRUNE_AT = (4, 7, 10)
-KEEP = 0.7
+DIGITS_MODEL = "digits-deit"
+TIMING_MODELS = ("deit_small_patch16_224", "deit_base_patch16_224")
+TARGETS = (0.35, 0.5)
+TOLERANCE = 0.02
+CUT_SETS = ((1,), (1, 3, 5), (2, 4), (1, 2, 3), (2, 3, 4, 5), (1, 2, 3, 4, 5))
+RHOS = tuple(round(0.3 + 0.05 * i, 2) for i in range(13))  # 0.3 ... 0.9
+TIMING_CUTS = (3, 6, 9)
+METHODS = {"hwnas": "ucc", "tome": "tome", "evit": "evit", "random": "random"}
+ABLATIONS = {"hwnas-spatial": dict(spectral_weight=0.0), "hwnas-spectral": dict(spectral_weight=1.0),
+             "hwnas-last": dict(cumulative=False)}
 
 
-def schedule(depth: int, prune_at=PRUNE_AT, keep: float = KEEP) -> dict[int, float]:
-    """Absolute keep ratio per block for 'keep ``keep`` of the tokens at each block of ``prune_at``'."""
+def schedule(depth: int, cuts, keep: float) -> dict[int, float]:
+    """Absolute keep ratio per block for 'keep ``keep`` of the tokens at each block of ``cuts``'."""
     ratios, ratio = {}, 1.0
     for block in range(1, depth):
-        if block in prune_at:
+        if block in cuts:
             ratio *= keep
         ratios[block] = round(ratio, 6)
     return ratios
 
 
+def flops_reduction(model: nn.Module, keep: dict[int, float], input_shape: tuple[int, ...], dense_flops: int) -> float:
+    """1 − FLOPs of the schedule's token counts / dense FLOPs (counted without any scoring ops)."""
+    return 1.0 - count_flops(apply_token_keep(copy.deepcopy(model), keep, "random"), input_shape) / dense_flops
+
+
+def schedule_for_flops(model: nn.Module, cuts, target: float, input_shape: tuple[int, ...]) -> tuple[dict, float]:
+    """The schedule of ``cuts`` whose FLOPs reduction is nearest ``target`` (bisection on ρ): (keep, reduction)."""
+    dense = count_flops(model, input_shape)
+    low, high = 0.05, 1.0
+    for _ in range(14):
+        middle = (low + high) / 2
+        if flops_reduction(model, schedule(len(model.blocks), cuts, middle), input_shape, dense) > target:
+            low = middle
+        else:
+            high = middle
+    keep = schedule(len(model.blocks), cuts, round((low + high) / 2, 4))
+    return keep, flops_reduction(model, keep, input_shape, dense)
+
+
 def run(device: str = "cpu", quick: bool = False) -> list[dict]:
-    torch.manual_seed(0)
-    dense = timm.create_model(MODEL, pretrained=False).eval().to(device)
-    pruned = apply_token_keep(timm.create_model(MODEL, pretrained=False).eval(), schedule(len(dense.blocks)))
-    pruned.load_state_dict(dense.state_dict())
-    pruned = pruned.to(device)
-    repeats = 5 if quick else 15
+    return accuracy_rows(device, quick) + latency_rows(device, quick)
+
+
+def accuracy_rows(device: str = "cpu", quick: bool = False) -> list[dict]:
+    model = create_digits_model(DIGITS_MODEL).to(device)
+    data = load_digits_splits()
+    images, labels = torch.cat([data.test_x, data.calib_x]), torch.cat([data.test_y, data.calib_y])
+    input_shape = tuple(images.shape[1:])
+    dense_flops = count_flops(model, input_shape)
+    dense_logits = predict_logits(model, images)
+    dense = {"accuracy": accuracy(dense_logits, labels), "fidelity_kl": 0.0}
+    methods: dict[str, TokenMethod] = {impl: token_method(name) for impl, name in METHODS.items()}
+    methods.update({impl: UccMethod(**options) for impl, options in ABLATIONS.items()})
     rows = []
-    for batch in (1, 8):
-        x = torch.randn(batch, 3, 224, 224, device=device)
-        case = {"model": MODEL, "batch": batch, "dtype": "float32", "schedule": f"keep {KEEP} at {list(PRUNE_AT)}"}
-        for impl, model in (("dense", dense), ("hwnas", pruned)):
-            rows.append(result_row(case, impl, measure(lambda: model(x), device, warmup=3, repeats=repeats)))
+    for target in TARGETS[:1] if quick else TARGETS:
+        for cuts in CUT_SETS[-2:] if quick else CUT_SETS:
+            for rho in RHOS:
+                keep = schedule(len(model.blocks), cuts, rho)
+                reduction = flops_reduction(model, keep, input_shape, dense_flops)
+                if abs(reduction - target) > TOLERANCE:
+                    continue
+                case = {"model": DIGITS_MODEL, "flops_reduction": target, "measured_flops_reduction": round(reduction, 4),
+                        "schedule": f"keep {rho} at {list(cuts)}", "images": len(images)}
+                rows.append(result_row(case, "dense", None, dense))
+                for impl, method in methods.items():
+                    logits = predict_logits(apply_token_keep(copy.deepcopy(model), keep, method), images)
+                    rows.append(result_row(case, impl, None, {"accuracy": accuracy(logits, labels),
+                                                              "fidelity_kl": fidelity_kl(dense_logits, logits)}))
+    return rows
+
+
+def latency_rows(device: str = "cpu", quick: bool = False) -> list[dict]:
+    rows = []
+    repeats = 5 if quick else 15
+    for name in TIMING_MODELS[:1] if quick else TIMING_MODELS:
+        torch.manual_seed(0)
+        dense = timm.create_model(name, pretrained=False).eval()
+        keep, reduction = schedule_for_flops(dense, TIMING_CUTS, 0.5, (3, 224, 224))
+        models = {"dense": dense.to(device)}
+        for impl in ("hwnas", "tome"):
+            models[impl] = apply_token_keep(copy.deepcopy(dense), keep, METHODS[impl]).to(device)
+        for batch in (1, 8):
+            x = torch.randn(batch, 3, 224, 224, device=device)
+            case = {"model": name, "batch": batch, "dtype": "float32", "flops_reduction": 0.5,
+                    "measured_flops_reduction": round(reduction, 4),
+                    "schedule": f"keep {keep[TIMING_CUTS[0]]} at {list(TIMING_CUTS)}"}
+            for impl, model in models.items():
+                with torch.inference_mode():
+                    timing = measure(lambda: model(x), device, warmup=3, repeats=repeats)
+                rows.append(result_row(case, impl, timing))
     return rows
 
 
 def summary(rows: list[dict]) -> Table:
-    table = Table(title="token-keep schedule vs dense (median ms, min-max)", title_justify="left")
-    for column in ("model", "batch", "dense", "hwnas", "speed-up"):
+    table = Table(title="token methods at matched FLOPs", title_justify="left")
+    for column in ("model", "FLOPs", "batch", "impl", "accuracy (best schedule)", "median ms (min-max)", "vs dense"):
         table.add_column(column, justify="right")
-    by_case: dict[tuple, dict[str, dict]] = {}
+    best: dict[tuple, dict] = {}
     for row in rows:
-        by_case.setdefault((row["case"]["model"], row["case"]["batch"]), {})[row["impl"]] = row
-    for (model, batch), impls in by_case.items():
-        dense, ours = impls["dense"]["median_ms"], impls["hwnas"]["median_ms"]
-        table.add_row(model, str(batch), _spread(impls["dense"]), _spread(impls["hwnas"]), f"{dense / ours:.2f}x")
+        if "accuracy" in row.get("metrics", {}):
+            key = (row["case"]["model"], row["case"]["flops_reduction"], row["impl"])
+            if key not in best or row["metrics"]["accuracy"] > best[key]["metrics"]["accuracy"]:
+                best[key] = row
+    for (model, target, impl), row in best.items():
+        schedule_text = "" if impl == "dense" else f" ({row['case']['schedule']})"
+        table.add_row(model, f"−{target:.0%}", "", impl, f"{row['metrics']['accuracy']:.2%}{schedule_text}", "", "")
+    dense_ms = {(r["case"]["model"], r["case"]["batch"]): r["median_ms"] for r in rows
+                if r["impl"] == "dense" and "median_ms" in r}
+    for row in rows:
+        if "median_ms" in row:
+            case = row["case"]
+            ratio = dense_ms[(case["model"], case["batch"])] / row["median_ms"]
+            table.add_row(case["model"], f"−{case['measured_flops_reduction']:.0%}", str(case["batch"]), row["impl"], "",
+                          f"{row['median_ms']:.1f} ({row['min_ms']:.1f}-{row['max_ms']:.1f})", f"{ratio:.2f}x")
     return table
-
-
-def _spread(row: dict) -> str:
-    return f"{row['median_ms']:.1f} ({row['min_ms']:.1f}-{row['max_ms']:.1f})"

@@ -20,7 +20,8 @@ resolved once on the architecture) and its *feature* (the work a value keeps the
 * ``block_size``: the kept work of the pruned layers (sparsity > 0) × (smallest b / b)², which
   is proportional to the number of b×b blocks their kernels multiply (per-block overhead);
 * ``window_ratio``: (1 − ratio) × the target block's dense FLOPs (target: the block's index in
-  model order, or its module name).
+  model order, or its module name);
+* ``token_method``: none — it chooses which tokens are cut, not how many.
 """
 
 from __future__ import annotations
@@ -181,6 +182,14 @@ def _kept_blocks(kept: Kept, var: Variable, value) -> float:
     return sum(kept.layer_work(layer) for layer in pruned) * (smallest / int(value)) ** 2
 
 
+def _no_scope(model, profile, space, dim) -> list[str]:
+    return []
+
+
+def _no_work(kept: Kept, var: Variable, value) -> float:
+    return 0.0
+
+
 def _kept_windows(kept: Kept, var: Variable, value) -> float:
     return sum((1 - float(value)) * kept.profile.blocks[block] for block in var.scope)
 
@@ -190,6 +199,7 @@ FEATURE_RULES: dict[str, Rule] = {
     "token_keep": Rule(_token_blocks, _kept_tokens),
     "block_size": Rule(_pruned_layers, _kept_blocks),
     "window_ratio": Rule(_target_block, _kept_windows),
+    "token_method": Rule(_no_scope, _no_work),  # which tokens are cut, not how many
 }
 
 

@@ -186,16 +186,20 @@ def random_affine(x: Tensor, recipe: TrainRecipe, generator: torch.Generator) ->
 
 
 def train_model(model: nn.Module, splits: DigitsSplits, recipe: TrainRecipe, description: str = "training",
-                progress: bool = True, before_step: Callable[[], None] | None = None) -> None:
+                progress: bool = True, before_step: Callable[[], None] | None = None,
+                loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None) -> None:
     """Train ``model`` in place on the training split (deterministic for a fixed recipe seed).
 
-    ``before_step`` runs before every optimisation step (e.g. to draw a random sparsity configuration).
+    ``before_step`` runs before every optimisation step (e.g. to draw a random sparsity configuration);
+    ``loss_fn(images, logits, labels)`` replaces the label-smoothed cross-entropy (e.g. distillation).
+    Only parameters that require grad are optimised.
     """
     generator = torch.Generator().manual_seed(recipe.seed)
     n = len(splits.train_y)
     steps_per_epoch = math.ceil(n / recipe.batch_size)
     total, warmup = recipe.epochs * steps_per_epoch, round(recipe.warmup_epochs * steps_per_epoch)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: (step + 1) / warmup if step < warmup
         else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
@@ -211,7 +215,10 @@ def train_model(model: nn.Module, splits: DigitsSplits, recipe: TrainRecipe, des
                 if before_step is not None:
                     before_step()
                 logits = model(x)
-                loss = F.cross_entropy(logits, splits.train_y[batch], label_smoothing=recipe.label_smoothing)
+                if loss_fn is None:
+                    loss = F.cross_entropy(logits, splits.train_y[batch], label_smoothing=recipe.label_smoothing)
+                else:
+                    loss = loss_fn(x, logits, splits.train_y[batch])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

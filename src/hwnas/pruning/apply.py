@@ -1,8 +1,8 @@
 """One call transforms a model: ``apply_config(model, space, config, pruner)`` returns the pruned copy.
 
 Weight transforms (``block_sparsity`` with its ``block_size``) take their pruned weights from a
-``BlockPruner``; structural transforms (``token_keep``, ``window_ratio``) only change how the
-model runs.
+``BlockPruner``; structural transforms (``token_keep`` with its ``token_method``, ``window_ratio``) only change
+how the model runs.
 ``apply_structure`` applies the structural ones alone: an export's weights already hold the rest.
 """
 
@@ -17,12 +17,13 @@ from torch import nn
 from hwnas.errors import HwnasError
 from hwnas.pruning.block_obs import DEFAULT_LEVELS
 from hwnas.pruning.block_pruner import DEFAULT_BLOCK, BlockPruner, layer_levels
+from hwnas.pruning.token_methods import DEFAULT_TOKEN_METHOD, TOKEN_METHODS
 from hwnas.pruning.tokens import apply_token_keep
 from hwnas.pruning.windows import apply_window_ratios
 from hwnas.spaces import Config, Space
 
 WEIGHT_TRANSFORMS = ("block_sparsity", "block_size")
-STRUCTURAL_TRANSFORMS = ("token_keep", "window_ratio")
+STRUCTURAL_TRANSFORMS = ("token_keep", "token_method", "window_ratio")
 
 
 def apply_config(model: nn.Module, space: Space, config: Config, pruner: BlockPruner | None = None) -> nn.Module:
@@ -67,6 +68,9 @@ def check_space(model: nn.Module, space: Space) -> None:
     for dim in space.dimensions:
         if dim.transform == "block_size" and not all(isinstance(v, int) and v > 0 for v in dim.values):
             raise HwnasError(f"{dim.name}: block sizes must be positive integers, got {list(dim.values)}")
+        if dim.transform == "token_method" and not set(dim.values) <= set(TOKEN_METHODS):
+            unknown = sorted(set(map(str, dim.values)) - set(TOKEN_METHODS))[0]
+            raise HwnasError(f"{dim.name}: unknown token method '{unknown}' (known: {', '.join(TOKEN_METHODS)})")
         if dim.transform == "block_sparsity" and not all(
                 any(abs(v - level) < 1e-9 for level in DEFAULT_LEVELS) for v in dim.values):
             raise HwnasError(f"{dim.name}: block sparsity levels must come from the grid "
@@ -103,7 +107,8 @@ def _by_transform(space: Space, config: Config) -> dict[str, dict[Any, Any]]:
 
 def _apply_structural(model: nn.Module, by_transform: dict[str, dict[Any, Any]]) -> nn.Module:
     if "token_keep" in by_transform:
-        apply_token_keep(model, by_transform["token_keep"])
+        method = next(iter(by_transform.get("token_method", {None: DEFAULT_TOKEN_METHOD}).values()))
+        apply_token_keep(model, by_transform["token_keep"], method)
     if "window_ratio" in by_transform:
         apply_window_ratios(model, by_transform["window_ratio"])
     return model.eval()

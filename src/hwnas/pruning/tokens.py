@@ -1,15 +1,16 @@
-"""Token-keep schedules for timm ViT/DeiT: each block processes only the best-scoring patch tokens.
+"""Token-keep schedules for timm ViT/DeiT: each block processes only its share of the patch tokens.
 
 A schedule gives, per block, the fraction of the original patch tokens that block processes
-(non-increasing along depth). When block ``l`` keeps fewer tokens than block ``l-1`` produced,
-the tokens are ranked by the attention the class token paid them in block ``l-1`` (averaged
-over heads), the best are kept in their original order, and the rest are dropped. Prefix tokens
-(class, distillation, registers) are always kept. Blocks that neither prune nor score run as
-the untouched timm modules, so a schedule of all 1.0 is exactly the timm model.
+(non-increasing along depth). Where block ``l`` keeps fewer tokens than block ``l-1`` produced,
+a token method (``token_methods``: ``ucc`` by default, or the ``tome``/``evit``/``random``
+baselines) cuts them down, from what the earlier blocks observed. Prefix tokens (class,
+distillation, registers) are always kept. Blocks that neither observe nor need a size bias run
+as the untouched timm modules, so a schedule of all 1.0 is exactly the timm model.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import torch
@@ -17,48 +18,65 @@ import torch.nn.functional as F
 from torch import nn
 
 from hwnas.errors import HwnasError
+from hwnas.pruning.token_methods import DEFAULT_TOKEN_METHOD, TokenMethod, TokenState, token_method
 
 
 class TokenKeepBlocks(nn.Sequential):
-    """Drop-in replacement for ``VisionTransformer.blocks`` that prunes tokens between blocks.
+    """Drop-in replacement for ``VisionTransformer.blocks`` that cuts tokens between blocks.
 
     The children are the original timm blocks, so the state-dict keys stay those of timm.
     """
 
-    def __init__(self, blocks: Sequence[nn.Module], keep_tokens: Sequence[int | None], num_prefix_tokens: int):
+    def __init__(self, blocks: Sequence[nn.Module], keep_tokens: Sequence[int | None], num_prefix_tokens: int,
+                 grid: tuple[int, int], method: TokenMethod):
         super().__init__(*blocks)
-        self.keep_tokens = list(keep_tokens)
         self.num_prefix_tokens = num_prefix_tokens
-        # where the token count actually drops, and so which blocks must score tokens for the next
+        self.grid = tuple(grid)
+        self.method = method
+        # where the token count actually drops
         self.prune_to: list[int | None] = []
         current = None
-        for keep in self.keep_tokens:
+        for keep in keep_tokens:
             prunes = keep is not None and (current is None or keep < current)
             self.prune_to.append(keep if prunes else None)
             current = keep if prunes else current
-        self.scores_for_next = [k is not None for k in self.prune_to[1:]] + [False]
+        cuts = [i for i, keep in enumerate(self.prune_to) if keep is not None]
+        if not (method.needs_attention or method.needs_keys):
+            self.observes = [False] * len(self.prune_to)
+        elif method.accumulates:
+            self.observes = [i < cuts[-1] for i in range(len(self.prune_to))]
+        else:
+            self.observes = [i + 1 in cuts for i in range(len(self.prune_to))]
+        self.size_bias = [method.proportional and i >= cuts[0] for i in range(len(self.prune_to))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scores = None
-        for block, keep, score in zip(self, self.prune_to, self.scores_for_next):
+        state = TokenState(x=x, prefix=self.num_prefix_tokens, grid=self.grid)
+        for block, keep, observes, size_bias in zip(self, self.prune_to, self.observes, self.size_bias):
             if keep is not None:
-                x = keep_top_tokens(x, scores, keep, self.num_prefix_tokens)
-            if score:
-                x, scores = block_with_cls_attention(block, x, self.num_prefix_tokens)
+                state = self.method.reduce(state, keep)
+            if observes or size_bias:
+                size = state.size if size_bias else None
+                out, attention, keys = observed_block(
+                    block, state.x, self.num_prefix_tokens, size,
+                    want_attention=observes and self.method.needs_attention,
+                    want_keys=observes and self.method.needs_keys)
+                state = self.method.observe(state, attention, keys) if observes else state
+                state = replace(state, x=out)
             else:
-                x = block(x)
-        return x
+                state = replace(state, x=block(state.x))
+        return state.x
 
 
-def keep_top_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int, num_prefix_tokens: int) -> torch.Tensor:
-    """Keep the prefix tokens and the ``keep`` patch tokens with the highest ``scores`` (order preserved)."""
-    index = scores.topk(keep, dim=1).indices.sort(dim=1).values + num_prefix_tokens
-    kept = x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-    return torch.cat([x[:, :num_prefix_tokens], kept], dim=1)
+def observed_block(block: nn.Module, x: torch.Tensor, num_prefix_tokens: int, size: torch.Tensor | None = None,
+                   want_attention: bool = False, want_keys: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Run a timm ``Block``, optionally with proportional attention, and return what it saw.
 
-
-def block_with_cls_attention(block: nn.Module, x: torch.Tensor, num_prefix_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run a timm ``Block`` and also return the class token's attention to each patch token [B, N - prefix]."""
+    ``size [B, N]`` (patch tokens; prefix tokens count 1) adds ``log size`` to the attention
+    logits of every key. Returns the block output, the class token's attention to each patch
+    token averaged over heads ``[B, N]`` (or None) and the patch tokens' keys averaged over heads
+    ``[B, N, head_dim]`` (or None).
+    """
     attn = block.attn
     h = block.norm1(x)
     batch, tokens, _ = h.shape
@@ -66,16 +84,26 @@ def block_with_cls_attention(block: nn.Module, x: torch.Tensor, num_prefix_token
     qkv = attn.qkv(h).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    out = F.scaled_dot_product_attention(q, k, v)
-    cls_attn = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # [B, H, 1, N]
-    scores = cls_attn.mean(dim=1)[:, 0, num_prefix_tokens:]
+    bias = None
+    if size is not None:
+        prefix = size.new_ones(batch, num_prefix_tokens)
+        bias = torch.cat([prefix, size], dim=1).log().to(q.dtype)[:, None, None, :]
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+    attention = None
+    if want_attention:
+        logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)  # [B, H, 1, T]
+        if bias is not None:
+            logits = logits + bias
+        attention = logits.softmax(dim=-1).mean(dim=1)[:, 0, num_prefix_tokens:]
+    keys = k.mean(dim=1)[:, num_prefix_tokens:] if want_keys else None
     out = attn.norm(out.transpose(1, 2).reshape(batch, tokens, attn.attn_dim))
     if gate is not None:
         out = out * gate
     out = attn.proj_drop(attn.proj(out))
     x = x + block.drop_path1(block.ls1(out))
     x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-    return x, scores
+    return x, attention, keys
 
 
 def keep_counts(model: nn.Module, keep: dict[int, float]) -> list[int | None]:
@@ -97,11 +125,14 @@ def keep_counts(model: nn.Module, keep: dict[int, float]) -> list[int | None]:
     return counts
 
 
-def apply_token_keep(model: nn.Module, keep: dict[int, float]) -> nn.Module:
-    """Install a token-keep schedule on a timm VisionTransformer, in place; returns the model."""
+def apply_token_keep(model: nn.Module, keep: dict[int, float], method: str | TokenMethod = DEFAULT_TOKEN_METHOD
+                     ) -> nn.Module:
+    """Install a token-keep schedule cut by ``method`` on a timm VisionTransformer, in place; returns the model."""
     counts = keep_counts(model, keep)
+    method = token_method(method) if isinstance(method, str) else method
     if any(c is not None for c in counts):
-        model.blocks = TokenKeepBlocks(list(model.blocks), counts, model.num_prefix_tokens)
+        grid = tuple(model.patch_embed.grid_size)
+        model.blocks = TokenKeepBlocks(list(model.blocks), counts, model.num_prefix_tokens, grid, method)
     return model
 
 

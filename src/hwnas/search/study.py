@@ -33,7 +33,7 @@ class RunSettings:
     objectives: str = "accuracy,latency"
     budget: str = ""
     optimizer: str = "nsga2"
-    trials: int = 24
+    trials: int = 32
     population: int = 0  # 0: chosen from the trial count
     seed: int = 0
     device: str = "cpu"

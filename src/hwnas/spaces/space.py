@@ -44,6 +44,9 @@ class Dimension:
             raise HwnasError(f"{self.name}={value!r} is not one of {list(self.values)}") from None
 
     def snap(self, value: Any) -> Any:
+        """The allowed value nearest to ``value``; the identity stays itself even off the grid (the baseline)."""
+        if self.identity is not None and value == self.identity:
+            return self.identity
         return self.values[self.index_of(value)]
 
     def distribution(self) -> optuna.distributions.BaseDistribution:

@@ -1,0 +1,266 @@
+"""How a block's token count is reduced: the UCC method and the baselines it is compared with.
+
+Every method sees a ``TokenState`` (the tokens, what earlier blocks observed about them) and
+returns a state with ``keep`` patch tokens; prefix tokens (class, registers) always pass.
+
+* ``ucc`` (hwnas's method, after UCC): each token's score is ``(1 - β)·spatial + β·spectral``.
+  *Spatial* is the class token's attention to it, averaged over heads and accumulated over every
+  block it has lived through (a running mean from block 0: one block's idiosyncrasy does not
+  decide its fate). *Spectral* is its high-frequency energy: the current tokens are painted back
+  onto the patch grid (a fused token covers every patch it absorbed), a 2-D FFT over the grid
+  removes the frequencies of radius ≤ ``LOW_PASS_RADIUS`` cycles/patch, and a token's score is the
+  mean energy of the residual over its patches — tokens on edges and strokes score high, flat
+  background low. Both parts are normalised to sum to one per image; β = ``SPECTRAL_WEIGHT``
+  (chosen by the ablation in ``search bench tokens``). The best ``keep`` tokens are kept and every
+  pruned token is fused into its most similar kept token (cosine of attention keys): a size-
+  weighted mean in which the pruned token weighs its size × its score relative to the weakest
+  kept token (≤ 1). Later blocks use proportional attention (``+ log size`` on the keys), so a
+  fused token counts for what it holds. (Also scaling the weight by the cosine similarity was
+  measured worse on the digits DeiT at 6 of 7 schedules of −35 %/−50 % FLOPs, by up to 1.1 points.)
+* ``tome``: ToMe's bipartite soft matching (training-free): alternate tokens form two sets, each
+  token of A its most similar of B, the most similar pairs are merged (size-weighted mean),
+  repeated until ``keep`` remain; proportional attention.
+* ``evit``: EViT: keep the ``keep - 1`` tokens the class token attends to most (previous block)
+  and fuse the rest into one token, weighted by that attention. No size bias (as in EViT).
+* ``random``: keep ``keep`` tokens drawn at random (a fixed seed per forward, so reproducible).
+
+The gather of kept tokens and the weighted scatter-add of fused ones run on the Triton kernels
+of ``hwnas.kernels.gather_scatter`` on CUDA (torch indexing on the CPU and under autograd).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hwnas.errors import HwnasError
+from hwnas.kernels.gather_scatter import gather_rows, scatter_add_rows_
+
+#: β: the weight of the spectral score against the accumulated attention (see the ablation)
+SPECTRAL_WEIGHT = 0.3
+#: frequencies (cycles per patch) at or below this radius are "low" and removed by the high-pass
+LOW_PASS_RADIUS = 0.25
+
+
+@dataclass(frozen=True)
+class TokenState:
+    """The tokens between two blocks and what the blocks so far observed about the patch tokens.
+
+    ``x [B, T, C]`` holds ``prefix`` tokens then ``T - prefix`` patch tokens. The others describe
+    the patch tokens only: ``size [B, N]`` how many patches each stands for (None: all 1),
+    ``attention [B, N]`` the class token's attention in the last observed block,
+    ``attention_sum`` its sum over the observed blocks (``observed`` of them), ``keys [B, N, D]``
+    the last block's attention keys (mean over heads), ``owner [B, P]`` which current token each
+    original patch belongs to.
+    """
+
+    x: Tensor
+    prefix: int
+    grid: tuple[int, int]
+    size: Tensor | None = None
+    attention: Tensor | None = None
+    attention_sum: Tensor | None = None
+    observed: int = 0
+    keys: Tensor | None = None
+    owner: Tensor | None = None
+
+    @property
+    def patches(self) -> Tensor:
+        return self.x[:, self.prefix:]
+
+    def with_patches(self, patches: Tensor, **changes) -> "TokenState":
+        return replace(self, x=torch.cat([self.x[:, :self.prefix], patches], dim=1), **changes)
+
+
+class TokenMethod:
+    """A way to cut the patch tokens down to ``keep``; subclasses say what they need observed."""
+
+    name: str = ""
+    needs_attention = False      # the class token's attention in the block before a cut
+    needs_keys = False           # the attention keys in the block before a cut
+    accumulates = False          # observe every block from the first, not only the one before a cut
+    proportional = False         # later blocks add log(size) to the attention logits
+
+    def __init__(self, use_triton: bool | None = None):
+        self.use_triton = use_triton
+
+    def observe(self, state: TokenState, attention: Tensor | None, keys: Tensor | None) -> TokenState:
+        """Record what one block saw (attention [B, N], keys [B, N, D])."""
+        return replace(state, attention=attention, keys=keys)
+
+    def reduce(self, state: TokenState, keep: int) -> TokenState:
+        raise NotImplementedError
+
+
+class UccMethod(TokenMethod):
+    name = "ucc"
+    needs_attention = needs_keys = accumulates = proportional = True
+
+    def __init__(self, spectral_weight: float = SPECTRAL_WEIGHT, cumulative: bool = True,
+                 use_triton: bool | None = None):
+        """``cumulative=False`` scores with the last block's attention only (an ablation)."""
+        super().__init__(use_triton)
+        if not 0.0 <= spectral_weight <= 1.0:
+            raise HwnasError(f"spectral weight {spectral_weight} must be in [0, 1]")
+        self.spectral_weight = spectral_weight
+        self.cumulative = cumulative
+
+    def observe(self, state: TokenState, attention: Tensor | None, keys: Tensor | None) -> TokenState:
+        total = attention if state.attention_sum is None else state.attention_sum + attention
+        return replace(state, attention=attention, keys=keys, attention_sum=total, observed=state.observed + 1)
+
+    def scores(self, state: TokenState) -> Tensor:
+        """The combined score of every patch token [B, N] (each part sums to one per image)."""
+        spatial = _normalised(state.attention_sum / state.observed if self.cumulative else state.attention)
+        if self.spectral_weight == 0.0:
+            return spatial
+        spectral = _normalised(spectral_energy(state))
+        return (1.0 - self.spectral_weight) * spatial + self.spectral_weight * spectral
+
+    def reduce(self, state: TokenState, keep: int) -> TokenState:
+        patches = state.patches
+        batch, count, _ = patches.shape
+        score = self.scores(state)
+        order = score.argsort(dim=1, descending=True)
+        kept, pruned = order[:, :keep].sort(dim=1).values, order[:, keep:]
+        keys = F.normalize(state.keys, dim=-1)
+        similarity = gather_rows(keys, pruned) @ gather_rows(keys, kept).transpose(1, 2)  # [B, P, K]
+        target = similarity.argmax(dim=-1)
+        weakest_kept = score.gather(1, kept).min(dim=1, keepdim=True).values
+        relevance = (score.gather(1, pruned) / weakest_kept.clamp_min(1e-12)).clamp(max=1.0)
+        size = _sizes(state, patches)
+        weight = size.gather(1, pruned) * relevance
+        merged, merged_size = _fuse(patches, size, kept, pruned, target, weight, self.use_triton)
+        new_index = torch.empty(batch, count, dtype=torch.long, device=patches.device)
+        new_index.scatter_(1, kept, torch.arange(keep, device=patches.device).expand(batch, -1))
+        new_index.scatter_(1, pruned, target)
+        owner = new_index if state.owner is None else new_index.gather(1, state.owner)
+        return state.with_patches(merged, size=merged_size, owner=owner,
+                                  attention_sum=state.attention_sum.gather(1, kept), keys=None, attention=None)
+
+
+class TomeMethod(TokenMethod):
+    name = "tome"
+    needs_keys = proportional = True
+
+    def reduce(self, state: TokenState, keep: int) -> TokenState:
+        patches, size, keys = state.patches, _sizes(state, state.patches), state.keys
+        while patches.shape[1] > keep:
+            remove = min(patches.shape[1] - keep, patches.shape[1] // 2)
+            patches, size, keys = _bipartite_merge(patches, size, keys, remove, self.use_triton)
+        return state.with_patches(patches, size=size, keys=None, attention=None)
+
+
+class EvitMethod(TokenMethod):
+    name = "evit"
+    needs_attention = True
+
+    def reduce(self, state: TokenState, keep: int) -> TokenState:
+        patches, attention = state.patches, state.attention
+        order = attention.argsort(dim=1, descending=True)
+        kept, pruned = order[:, :keep - 1].sort(dim=1).values, order[:, keep - 1:]
+        weight = attention.gather(1, pruned)
+        weight = weight / weight.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        fused = (gather_rows(patches, pruned, self.use_triton) * weight[..., None].to(patches.dtype)).sum(1, keepdim=True)
+        return state.with_patches(torch.cat([gather_rows(patches, kept, self.use_triton), fused], dim=1),
+                                  keys=None, attention=None)
+
+
+class RandomMethod(TokenMethod):
+    name = "random"
+    SEED = 0
+
+    def reduce(self, state: TokenState, keep: int) -> TokenState:
+        patches = state.patches
+        generator = torch.Generator(device=patches.device).manual_seed(self.SEED + patches.shape[1])
+        draw = torch.rand(patches.shape[:2], generator=generator, device=patches.device)
+        kept = draw.topk(keep, dim=1).indices.sort(dim=1).values
+        return state.with_patches(gather_rows(patches, kept, self.use_triton))
+
+
+TOKEN_METHODS: dict[str, type[TokenMethod]] = {m.name: m for m in (UccMethod, TomeMethod, EvitMethod, RandomMethod)}
+DEFAULT_TOKEN_METHOD = "ucc"
+
+
+def token_method(name: str, **options) -> TokenMethod:
+    """The method called ``name`` (``ucc``, ``tome``, ``evit``, ``random``)."""
+    try:
+        return TOKEN_METHODS[name](**options)
+    except KeyError:
+        raise HwnasError(f"unknown token method '{name}' (known: {', '.join(TOKEN_METHODS)})") from None
+
+
+def spectral_energy(state: TokenState) -> Tensor:
+    """Per patch token [B, N], the mean high-pass energy over the grid patches it covers."""
+    patches = state.patches
+    batch, count, channels = patches.shape
+    height, width = state.grid
+    owner = state.owner  # None until the first cut: token i is patch i
+    if owner is None:
+        owner = torch.arange(count, device=patches.device).expand(batch, -1)
+    grid = gather_rows(patches, owner).float().reshape(batch, height, width, channels)
+    spectrum = torch.fft.rfft2(grid, dim=(1, 2)) * _high_pass(height, width, patches.device)[None, :, :, None]
+    energy = torch.fft.irfft2(spectrum, s=(height, width), dim=(1, 2)).pow(2).sum(-1).reshape(batch, -1)
+    total = energy.new_zeros(batch, count).scatter_add_(1, owner, energy)
+    covered = energy.new_zeros(batch, count).scatter_add_(1, owner, torch.ones_like(energy))
+    return total / covered.clamp_min(1.0)
+
+
+def _high_pass(height: int, width: int, device: torch.device) -> Tensor:
+    fy = torch.fft.fftfreq(height, device=device)[:, None]
+    fx = torch.fft.rfftfreq(width, device=device)[None, :]
+    return ((fy ** 2 + fx ** 2).sqrt() > LOW_PASS_RADIUS).float()
+
+
+def _normalised(score: Tensor) -> Tensor:
+    score = score.float().clamp_min(0.0)
+    return score / score.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def _sizes(state: TokenState, patches: Tensor) -> Tensor:
+    if state.size is not None:
+        return state.size
+    return patches.new_ones(patches.shape[:2], dtype=torch.float32)
+
+
+def _fuse(patches: Tensor, size: Tensor, kept: Tensor, pruned: Tensor, target: Tensor, weight: Tensor,
+          use_triton: bool | None) -> tuple[Tensor, Tensor]:
+    """Kept tokens as size-weighted means with the pruned tokens fused into them: (tokens, sizes).
+
+    ``target [B, P]`` is the position among ``kept`` that pruned token p joins, ``weight [B, P]``
+    the size it brings.
+    """
+    kept_size = size.gather(1, kept)
+    total = gather_rows(patches, kept, use_triton) * kept_size[..., None].to(patches.dtype)
+    total = scatter_add_rows_(total, target, gather_rows(patches, pruned, use_triton), weight.to(patches.dtype),
+                              use_triton)
+    merged_size = kept_size.scatter_add(1, target, weight)
+    return total / merged_size[..., None].to(patches.dtype), merged_size
+
+
+def _bipartite_merge(patches: Tensor, size: Tensor, keys: Tensor, remove: int,
+                     use_triton: bool | None) -> tuple[Tensor, Tensor, Tensor]:
+    """One round of ToMe: merge ``remove`` tokens of set A (even positions) into set B (odd)."""
+    metric = F.normalize(keys, dim=-1)
+    similarity = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)  # [B, A, B]
+    best, partner = similarity.max(dim=-1)
+    order = best.argsort(dim=1, descending=True)
+    source, unmerged = order[:, :remove], order[:, remove:]
+    target = partner.gather(1, source)
+
+    def merge(values: Tensor, values_size: Tensor) -> tuple[Tensor, Tensor]:
+        side_a, side_b = values[:, ::2], values[:, 1::2]
+        size_a, size_b = values_size[:, ::2], values_size[:, 1::2]
+        total_b = side_b * size_b[..., None].to(values.dtype)
+        total_b = scatter_add_rows_(total_b, target, gather_rows(side_a, source, use_triton),
+                                    size_a.gather(1, source).to(values.dtype), use_triton)
+        merged_size_b = size_b.scatter_add(1, target, size_a.gather(1, source))
+        merged = torch.cat([gather_rows(side_a, unmerged, use_triton), total_b / merged_size_b[..., None].to(values.dtype)], 1)
+        return merged, torch.cat([size_a.gather(1, unmerged), merged_size_b], dim=1)
+
+    merged, merged_size = merge(patches, size)
+    merged_keys, _ = merge(keys, size)
+    return merged, merged_size, merged_keys
