@@ -119,7 +119,8 @@ def test_export_loads_and_matches_the_evaluated_candidate(budget_run, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "distilled" in result.stdout
     after = json.loads((tuned / "hwnas.json").read_text())["finetune"]["accuracy_after"]
-    assert evaluator.measure_model(hwnas.load(tuned))["accuracy"] == pytest.approx(after, abs=1e-9)
+    # float32 vs float64 means of the same 450 hits; one image is 1/450
+    assert evaluator.measure_model(hwnas.load(tuned))["accuracy"] == pytest.approx(after, abs=1e-6)
 
 
 def _default_sigint() -> None:
