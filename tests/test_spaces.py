@@ -78,6 +78,14 @@ def test_validate_snaps_and_rejects_unknown():
         space.validate({"keep.9": 0.5, "keep.1": 1.0, "keep.2": 1.0, "keep.3": 1.0})
 
 
+def test_identity_stays_unpruned_when_the_grid_lacks_it():
+    """The baseline of a space with a fixed schedule is the dense model, not the nearest grid value."""
+    fixed = {**TOKENS, "dimensions": [{"name": "keep", "transform": "token_keep", "targets": [2], "values": [0.4]}]}
+    space = space_from_dict(fixed)
+    assert space.validate(space.identity()) == {"keep.2": 1.0}
+    assert space.validate({"keep.2": 0.9}) == {"keep.2": 0.4}  # any other value still snaps to the grid
+
+
 @pytest.mark.parametrize("text, message", [
     ("name: [unclosed", "not valid YAML"),
     ("- just\n- a list", "expected a mapping"),

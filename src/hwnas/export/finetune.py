@@ -93,6 +93,9 @@ def finetune_export(export_dir: str | Path, out: str | Path, epochs: int | None 
     if recipe.epochs < 1:
         raise HwnasError(f"--epochs must be at least 1, got {recipe.epochs}")
     student = load(export_dir)
+    if not (hasattr(student, "blocks") and hasattr(student, "norm") and getattr(student, "num_prefix_tokens", 0)):
+        raise HwnasError(f"finetune distils ViT/DeiT exports with a class token; {type(student).__name__} "
+                         "(e.g. a Swin window export) is not supported yet")
     teacher = load_model(manifest["model"], progress=progress).eval()
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)

@@ -107,7 +107,7 @@ def _by_transform(space: Space, config: Config) -> dict[str, dict[Any, Any]]:
 
 def _apply_structural(model: nn.Module, by_transform: dict[str, dict[Any, Any]]) -> nn.Module:
     if "token_keep" in by_transform:
-        method = next(iter(by_transform.get("token_method", {None: DEFAULT_TOKEN_METHOD}).values()))
+        method = by_transform.get("token_method", {}).get(None, DEFAULT_TOKEN_METHOD)  # a space-level variable
         apply_token_keep(model, by_transform["token_keep"], method)
     if "window_ratio" in by_transform:
         apply_window_ratios(model, by_transform["window_ratio"])
