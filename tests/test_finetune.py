@@ -7,7 +7,8 @@ import timm
 import torch
 
 from hwnas.errors import HwnasError
-from hwnas.export.finetune import ClassTokens, distillation_loss, finetune_export
+from hwnas.export.finetune import ClassTokens, dense_kernel_paths, distillation_loss, finetune_export
+from hwnas.kernels.block_sparse import BlockSparseLinear
 from hwnas.pruning.tokens import apply_token_keep
 
 
@@ -40,6 +41,19 @@ def test_gradients_flow_through_the_pruned_blocks(vit):
     student = apply_token_keep(copy.deepcopy(vit), {2: 0.5, 4: 0.25}, "ucc").train()
     student(torch.randn(2, 3, 32, 32)).sum().backward()
     assert student.blocks[5].mlp.fc1.weight.grad is not None and student.blocks[5].mlp.fc1.weight.grad.abs().sum() > 0
+
+
+def test_gradients_pass_block_sparse_layers_on_any_calibrated_path():
+    torch.manual_seed(0)
+    first = torch.nn.Linear(32, 32)
+    mask = torch.tensor([[True, False], [False, True]])
+    sparse = BlockSparseLinear.from_linear(torch.nn.Linear(32, 32), mask, block=16)
+    sparse.cpu_impl = "torch_bsr"  # what calibration may pick: no backward
+    model = torch.nn.Sequential(first, sparse)
+    with dense_kernel_paths(model):
+        model(torch.randn(3, 32)).sum().backward()
+    assert first.weight.grad is not None and first.weight.grad.abs().sum() > 0
+    assert sparse.cpu_impl == "torch_bsr"
 
 
 def test_finetune_refuses_what_is_not_an_export(tmp_path):

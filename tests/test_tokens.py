@@ -7,8 +7,8 @@ import timm
 import torch
 
 from hwnas.errors import HwnasError
-from hwnas.pruning.token_methods import (TOKEN_METHODS, EvitMethod, RandomMethod, TokenState, TomeMethod, UccMethod,
-                                         spectral_energy)
+from hwnas.pruning.token_methods import (LOW_PASS_RADIUS, TOKEN_METHODS, EvitMethod, RandomMethod, TokenState, TomeMethod,
+                                         UccMethod, high_pass_operator, spectral_energy)
 from hwnas.pruning.tokens import apply_token_keep, keep_counts, observed_block
 
 
@@ -116,6 +116,17 @@ def test_spectral_energy_is_high_on_edges_and_zero_on_flat_regions():
     state = TokenState(x=torch.cat([torch.zeros(1, 1, 3), edge], 1), prefix=1, grid=(4, 4))
     energy = spectral_energy(state)[0]
     assert energy.argmax() == 5 and energy[15] < energy[5] / 4
+
+
+@pytest.mark.parametrize("height, width", [(4, 4), (3, 5), (14, 14)])
+def test_high_pass_operator_equals_the_fft_filter(height, width):
+    grid = torch.randn(2, height, width, 6, dtype=torch.float64)
+    fy = torch.fft.fftfreq(height, dtype=torch.float64)[:, None]
+    fx = torch.fft.fftfreq(width, dtype=torch.float64)[None, :]
+    keep = ((fy ** 2 + fx ** 2).sqrt() > LOW_PASS_RADIUS).to(torch.float64)[None, :, :, None]
+    expected = torch.fft.ifft2(torch.fft.fft2(grid, dim=(1, 2)) * keep, dim=(1, 2)).real
+    actual = high_pass_operator(height, width) @ grid.reshape(2, -1, 6).float()
+    assert torch.allclose(actual, expected.reshape(2, -1, 6).float(), atol=1e-5)
 
 
 def test_tome_merges_the_most_similar_pairs_and_conserves_size():

@@ -8,7 +8,7 @@ returns a state with ``keep`` patch tokens; prefix tokens (class, registers) alw
   block it has lived through (a running mean from block 0: one block's idiosyncrasy does not
   decide its fate). *Spectral* is its high-frequency energy: the current tokens are painted back
   onto the patch grid (a fused token covers every patch it absorbed), a 2-D FFT over the grid
-  removes the frequencies of radius ≤ ``LOW_PASS_RADIUS`` cycles/patch, and a token's score is the
+  (applied as one precomputed matrix, ``high_pass_operator``) removes the frequencies of radius ≤ ``LOW_PASS_RADIUS`` cycles/patch, and a token's score is the
   mean energy of the residual over its patches — tokens on edges and strokes score high, flat
   background low. Both parts are normalised to sum to one per image; β = ``SPECTRAL_WEIGHT``
   (in the ablation of ``search bench tokens`` on the digits DeiT, β = 0.3 ties with attention
@@ -31,6 +31,7 @@ of ``hwnas.kernels.gather_scatter`` on CUDA (torch indexing on the CPU and under
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -202,18 +203,29 @@ def spectral_energy(state: TokenState) -> Tensor:
     owner = state.owner  # None until the first cut: token i is patch i
     if owner is None:
         owner = torch.arange(count, device=patches.device).expand(batch, -1)
-    grid = gather_rows(patches, owner).float().reshape(batch, height, width, channels)
-    spectrum = torch.fft.rfft2(grid, dim=(1, 2)) * _high_pass(height, width, patches.device)[None, :, :, None]
-    energy = torch.fft.irfft2(spectrum, s=(height, width), dim=(1, 2)).pow(2).sum(-1).reshape(batch, -1)
+    grid = gather_rows(patches, owner).float()  # [B, P, C] in grid order
+    residual = high_pass_operator(height, width, str(patches.device)) @ grid
+    energy = residual.pow(2).sum(-1)
     total = energy.new_zeros(batch, count).scatter_add_(1, owner, energy)
     covered = energy.new_zeros(batch, count).scatter_add_(1, owner, torch.ones_like(energy))
     return total / covered.clamp_min(1.0)
 
 
-def _high_pass(height: int, width: int, device: torch.device) -> Tensor:
-    fy = torch.fft.fftfreq(height, device=device)[:, None]
-    fx = torch.fft.rfftfreq(width, device=device)[None, :]
-    return ((fy ** 2 + fx ** 2).sqrt() > LOW_PASS_RADIUS).float()
+@functools.lru_cache(maxsize=16)
+def high_pass_operator(height: int, width: int, device: str = "cpu") -> Tensor:
+    """The FFT high-pass over an H×W grid as a [P, P] matrix (P = H·W): ``residual = M @ x``.
+
+    Built once per grid by filtering every unit impulse (rFFT2, zero the frequencies of radius
+    ≤ ``LOW_PASS_RADIUS`` cycles/patch, inverse rFFT2); one matmul then replaces two FFTs per cut,
+    which on small grids (4×4, 14×14) are mostly launch and copy overhead.
+    """
+    positions = height * width
+    impulses = torch.eye(positions, dtype=torch.float64).reshape(positions, height, width)
+    fy = torch.fft.fftfreq(height, dtype=torch.float64)[:, None]
+    fx = torch.fft.rfftfreq(width, dtype=torch.float64)[None, :]
+    keep = ((fy ** 2 + fx ** 2).sqrt() > LOW_PASS_RADIUS).to(torch.float64)
+    responses = torch.fft.irfft2(torch.fft.rfft2(impulses) * keep, s=(height, width))  # [impulse, H, W]
+    return responses.reshape(positions, positions).T.contiguous().float().to(device)
 
 
 def _normalised(score: Tensor) -> Tensor:
