@@ -220,12 +220,13 @@ def high_pass_operator(height: int, width: int, device: str = "cpu") -> Tensor:
     which on small grids (4×4, 14×14) are mostly launch and copy overhead.
     """
     positions = height * width
-    impulses = torch.eye(positions, dtype=torch.float64).reshape(positions, height, width)
-    fy = torch.fft.fftfreq(height, dtype=torch.float64)[:, None]
-    fx = torch.fft.rfftfreq(width, dtype=torch.float64)[None, :]
-    keep = ((fy ** 2 + fx ** 2).sqrt() > LOW_PASS_RADIUS).to(torch.float64)
-    responses = torch.fft.irfft2(torch.fft.rfft2(impulses) * keep, s=(height, width))  # [impulse, H, W]
-    return responses.reshape(positions, positions).T.contiguous().float().to(device)
+    with torch.inference_mode(False), torch.no_grad():  # cached: usable in and out of inference mode
+        impulses = torch.eye(positions, dtype=torch.float64).reshape(positions, height, width)
+        fy = torch.fft.fftfreq(height, dtype=torch.float64)[:, None]
+        fx = torch.fft.rfftfreq(width, dtype=torch.float64)[None, :]
+        keep = ((fy ** 2 + fx ** 2).sqrt() > LOW_PASS_RADIUS).to(torch.float64)
+        responses = torch.fft.irfft2(torch.fft.rfft2(impulses) * keep, s=(height, width))  # [impulse, H, W]
+        return responses.reshape(positions, positions).T.contiguous().float().to(device)
 
 
 def _normalised(score: Tensor) -> Tensor:
