@@ -31,6 +31,12 @@ def assert_one_line(err: str, expected: str):
     (["show", "{tmp}"], "has no pareto.json"),
     (["export", "{tmp}", "-o", "{tmp}/out"], "is not a study directory"),
     (["eval", "{tmp}"], "is not an hwnas export"),
+    (["run", "--hwprofile", "tpu-v9", "--out", "{tmp}/a"], "unknown hardware profile 'tpu-v9'"),
+    (["run", "--hwprofile", "{tmp}/missing.yaml", "--out", "{tmp}/a"], "not found"),
+    (["run", "--trial-timeout", "-1", "--out", "{tmp}/a"], "--trial-timeout and --retries must be 0 or more"),
+    (["compare", "--hwprofile", "h100", "--out", "{tmp}/c"], "compare needs two or more --hwprofile"),
+    (["compare", "--hwprofile", "h100", "--hwprofile", "h100", "--out", "{tmp}/c"], "share the name 'h100'"),
+    (["profile", "--device", "tpu", "-o", "{tmp}/p.yaml"], "unknown device 'tpu'"),
 ])
 def test_bad_arguments(capsys, tmp_path, argv, expected):
     code, err = run_cli(capsys, *[a.replace("{tmp}", str(tmp_path)) for a in argv])
@@ -71,3 +77,17 @@ def test_corrupted_export(capsys, tmp_path):
     code, err = run_cli(capsys, "eval", str(tmp_path))
     assert code == 2
     assert_one_line(err, "model.safetensors is damaged")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("name: x\n  - : [", "is not valid YAML"),
+    ("[1, 2]", "a hardware profile is a mapping"),
+    ("name: x\ndevice: d\nkind: tpu\nsource: spec\npeak_tflops: {float32: 1}\nmemory_bandwidth_gbs: 1\n"
+     "launch_overhead_us: 1\n", "kind must be one of cpu, cuda"),
+    ("name: x\ndevice: d\nkind: cpu\nsource: spec\n", "missing 3 required positional arguments"),
+])
+def test_bad_hardware_profile(capsys, tmp_path, text, expected):
+    (tmp_path / "p.yaml").write_text(text)
+    code, err = run_cli(capsys, "run", "--hwprofile", str(tmp_path / "p.yaml"), "--out", str(tmp_path / "a"))
+    assert code == 2
+    assert_one_line(err, expected)

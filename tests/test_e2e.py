@@ -128,7 +128,9 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_ctrl_c_then_resume_finishes_without_rerunning(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+def test_stopped_driver_then_resume_finishes_without_rerunning(tmp_path, stop):
+    """Ctrl-C ends cleanly (exit 130, how to resume); kill -9 leaves the study as it was. Resume loses nothing."""
     out = tmp_path / "study"
     process = subprocess.Popen([*SEARCH, "run", "--trials", "16", "--population", "4", "--workers", "1",
                                 "--out", str(out), "--no-progress"],
@@ -140,10 +142,13 @@ def test_ctrl_c_then_resume_finishes_without_rerunning(tmp_path):
             break
         time.sleep(1)
     assert process.poll() is None, process.communicate()[1]
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 130, stderr
-    assert "--resume" in stderr and "Traceback" not in stderr
+    if stop == signal.SIGINT:
+        assert process.returncode == 130, stderr
+        assert "--resume" in stderr and "Traceback" not in stderr
+    else:
+        assert process.returncode == -signal.SIGKILL
     before = {t.number: t.values for t in complete_trials(out)}
     assert 5 <= len(before) < 16
 

@@ -3,7 +3,7 @@
 import pytest
 
 from hwnas.errors import HwnasError
-from hwnas.search.objectives import parse_budget, parse_objectives
+from hwnas.search.objectives import as_predicted, parse_budget, parse_objectives
 
 
 def test_budget_units():
@@ -42,3 +42,10 @@ def test_objectives():
     assert objectives[0].minimised(0.9) == -0.9
     with pytest.raises(HwnasError, match="unknown objective 'speed'"):
         parse_objectives("accuracy,speed")
+
+
+def test_latency_and_energy_become_predicted_on_absent_hardware():
+    assert as_predicted("accuracy,latency,energy") == "accuracy,latency_predicted,energy_predicted"
+    assert as_predicted("latency=5ms, accuracy_drop=1%") == "latency_predicted=5ms,accuracy_drop=1%"
+    assert as_predicted("") == ""
+    assert parse_budget(as_predicted("latency=5ms")).limits == {"latency_ms_predicted": 5.0}

@@ -1,4 +1,4 @@
-"""The ``search`` (alias ``hwnas``) command line: run, show, export, finetune, eval, bench.
+"""The ``search`` (alias ``hwnas``) command line: run, compare, profile, show, export, finetune, eval, bench.
 
 Bad input ends with one line on stderr and a non-zero exit (2; 3 for an impossible budget;
 130 when interrupted), never a traceback. ``HWNAS_DEBUG=1`` shows tracebacks of internal errors.
@@ -16,7 +16,7 @@ from rich.table import Table
 
 from hwnas.errors import HwnasError
 
-BENCHES = ("tokens", "prune", "kernels", "models", "windows")
+BENCHES = ("tokens", "prune", "kernels", "models", "windows", "scaling")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,12 +32,39 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--trials", type=int, help="finished trials the study should hold (default 32)")
     run.add_argument("--population", type=int, help="population size of the evolutionary optimizers")
     run.add_argument("--workers", type=int, help="Ray evaluator actors (default 1; 0 evaluates in-process)")
+    run.add_argument("--trial-timeout", type=float, metavar="SECONDS",
+                     help="replace a worker whose evaluation runs longer, and retry it (default 900; 0: no limit)")
+    run.add_argument("--retries", type=int, help="retries of an evaluation whose worker crashed, hung or ran out "
+                                                 "of memory, each on another worker (default 2)")
     run.add_argument("--ray-address", help="join an existing Ray cluster instead of starting a local one")
     run.add_argument("--device", help="cpu (default) or cuda[:i]")
+    run.add_argument("--hwprofile", metavar="NAME|FILE", help="hardware profile to predict latency/energy on "
+                     "(shipped: h100, h200, a100, cpu; or `search profile -o FILE`); predicted only when it is "
+                     "not this machine")
     run.add_argument("--out", help="new study directory (default runs/study-TIMESTAMP)")
     run.add_argument("--resume", metavar="DIR", help="continue the study in DIR to its trial count")
     run.add_argument("--seed", type=int, help="random seed (default 0)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    compare = commands.add_parser("compare", help="search once per hardware profile; compare the fronts")
+    compare.add_argument("space", nargs="?", help="space YAML file or preset name (default: the embedded digits DeiT)")
+    compare.add_argument("--hwprofile", action="append", required=True, metavar="NAME|FILE",
+                         help="a profile to compare (give two or more): shipped h100/h200/a100/cpu or a YAML file")
+    compare.add_argument("--trials", type=int, default=16, help="trials per profile (default 16)")
+    compare.add_argument("--budget", default="", help="the same limits on every profile, e.g. latency=5ms "
+                         "(default: each device's fastest point within 1%% of dense accuracy)")
+    compare.add_argument("--optimizer", default="nsga2")
+    compare.add_argument("--workers", type=int, default=1)
+    compare.add_argument("--device", default="cpu", help="where this machine measures (default cpu)")
+    compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument("--out", required=True, help="directory of the per-profile studies and the comparison")
+    compare.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    profile = commands.add_parser("profile", help="measure this machine into a hardware profile YAML")
+    profile.add_argument("-o", "--output", required=True, help="profile file to write (.yaml)")
+    profile.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
+    profile.add_argument("--name", help="profile name (default cpu-measured / cuda-measured)")
+    profile.add_argument("--quick", action="store_true", help="fewer points and repeats")
 
     show = commands.add_parser("show", help="print the Pareto front of a study")
     show.add_argument("dir")
@@ -99,13 +126,12 @@ def _say(line: str) -> None:
 
 
 # ---- commands ---------------------------------------------------------------------------------
-_FIXED_ON_RESUME = ("space", "budget", "objectives", "optimizer", "population", "seed")
+_FIXED_ON_RESUME = ("space", "budget", "objectives", "optimizer", "population", "seed", "hwprofile")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from hwnas.evaluators.pool import make_pool
     from hwnas.search.report import front_table
-    from hwnas.search.runner import SearchRun
+    from hwnas.search.runner import run_study
     from hwnas.search.study import RunSettings, StudyDir, read_pareto
     from hwnas.spaces import load_space
 
@@ -116,37 +142,41 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.out:
             raise HwnasError("--resume and --out are exclusive: a resumed study stays in its directory")
         study_dir = StudyDir.open(args.resume)
-        for name in ("trials", "workers", "ray_address", "device"):
+        for name in ("trials", "workers", "ray_address", "device", "trial_timeout", "retries"):
             if getattr(args, name) is not None:
                 setattr(study_dir.settings, name, getattr(args, name))
         study_dir.save_settings()
     else:
         space = load_space(args.space)
         settings = RunSettings(**{k: getattr(args, k) for k in (
-            "budget", "objectives", "optimizer", "trials", "population", "seed", "device", "workers", "ray_address")
+            "budget", "objectives", "optimizer", "trials", "population", "seed", "device", "workers", "ray_address",
+            "trial_timeout", "retries")
             if getattr(args, k) is not None})
+        if args.hwprofile:
+            _target_profile(settings, args.hwprofile)
         _validate(space, settings)
         out = args.out or f"runs/study-{_dt.datetime.now():%Y%m%d-%H%M%S}"
         study_dir = StudyDir.create(out, space, settings)
 
-    console = _console(stderr=True)
-    settings = study_dir.settings
-    console.print(study_dir.space.describe(), markup=False, highlight=False)
-    console.print(f"study {study_dir.path}: {settings.optimizer}, {settings.trials} trials, "
-                  f"objectives {settings.objectives}, budget {study_dir.budget.describe()}", markup=False)
-    _prepare(study_dir.space, progress=not args.no_progress)
-    metrics = [o.metric for o in study_dir.objectives] + list(study_dir.budget.limits)
-    energy = any(m in ("energy_mj", "energy_mj_predicted") for m in metrics)  # predicted: fitted on measurements
-    pool = make_pool(study_dir.space.source, settings.workers, settings.device, settings.ray_address, energy)
-    try:
-        summary = SearchRun(study_dir, pool, console, progress=not args.no_progress).run()
-    finally:
-        pool.close()
+    summary = run_study(study_dir, _console(stderr=True), progress=not args.no_progress)
     _console().print(front_table(read_pareto(study_dir.path)))
+    console = _console(stderr=True)
     console.print(f"hypervolume {summary.hypervolume:.4f} · {len(summary.front)} Pareto point(s) · "
                   f"{study_dir.path}/pareto.json · {study_dir.path}/report.md", markup=False)
     console.print(f"export one: search export {study_dir.path} --pick latency -o OUT", markup=False)
     return 0
+
+
+def _target_profile(settings, spec: str) -> None:
+    """Put the profile into the settings; on absent hardware, latency and energy become predicted metrics."""
+    from hwnas.hwprofiles.profile import is_this_machine, load_profile
+    from hwnas.search.objectives import as_predicted
+
+    profile = load_profile(spec)
+    settings.hwprofile = profile.as_dict()
+    if not is_this_machine(profile, settings.device):
+        settings.objectives, settings.budget = as_predicted(settings.objectives), as_predicted(settings.budget)
+        _say(f"search: {profile.describe()} is not this machine: latency and energy are predicted from its profile")
 
 
 def _validate(space, settings) -> None:
@@ -159,29 +189,54 @@ def _validate(space, settings) -> None:
     settings.parsed_budget()
     if settings.optimizer not in OPTIMIZERS:
         raise HwnasError(f"unknown optimizer '{settings.optimizer}' (known: {', '.join(OPTIMIZERS)})")
+    if settings.optimizer == "lpvit" and settings.hwprofile:
+        raise HwnasError("lpvit fits its own cost model on measurements here; with --hwprofile use nsga2 or optuna-*")
     if settings.optimizer == "lpvit" and not any(d.transform == "block_sparsity" for d in space.dimensions):
         raise HwnasError(f"lpvit allocates block_sparsity variables; space '{space.name}' has none")
     if settings.trials < 1:
         raise HwnasError("--trials must be at least 1")
     if settings.workers < 0:
         raise HwnasError("--workers must be 0 (in-process) or more")
+    if settings.trial_timeout < 0 or settings.retries < 0:
+        raise HwnasError("--trial-timeout and --retries must be 0 or more")
     check_space(build_arch(space.model), space)
 
 
-def _prepare(space, progress: bool) -> None:
-    """Train (or find) the model and build its pruned-weight databases here, with progress bars,
-    so that the workers find both in the cache instead of each building them silently."""
-    from hwnas.evaluators.data import load_eval_data
-    from hwnas.models.registry import load_model
-    from hwnas.pruning.apply import block_sizes
-    from hwnas.pruning.block_pruner import BlockPruner
+def cmd_compare(args: argparse.Namespace) -> int:
+    from hwnas.search.compare import compare, comparison_tables, write_comparison
+    from hwnas.search.objectives import parse_budget
+    from hwnas.search.study import RunSettings
+    from hwnas.spaces import load_space
 
-    model = load_model(space.model, progress=progress)
-    sizes = block_sizes(space)
-    if sizes:
-        pruner = BlockPruner(model, load_eval_data(space.data, space.model, model).calib_x, progress=progress)
-        for size in sizes:
-            pruner.database(size)
+    if len(args.hwprofile) < 2:
+        raise HwnasError("compare needs two or more --hwprofile")
+    space = load_space(args.space)
+    settings = RunSettings(budget=args.budget, optimizer=args.optimizer, trials=args.trials, seed=args.seed,
+                           workers=args.workers, device=args.device)
+    _validate(space, settings)
+    results = compare(space, args.hwprofile, args.out, args.trials, args.budget, args.optimizer, args.seed,
+                      args.workers, args.device, _console(stderr=True), progress=not args.no_progress)
+    budget_set = bool(parse_budget(args.budget).limits)
+    for table in comparison_tables(results, budget_set):
+        _console().print(table)
+    out = write_comparison(args.out, results, budget_set)
+    _say(f"wrote {out}/compare.md, compare.json, compare.png and one study per profile")
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from hwnas.evaluators.evaluator import resolve_device
+    from hwnas.hwprofiles.measure_profile import measure_profile
+    from hwnas.hwprofiles.profile import write_profile
+
+    device = str(resolve_device(args.device))
+    profile = measure_profile(device, args.name, quick=args.quick)
+    path = write_profile(profile, args.output)
+    power = ", ".join(f"{k} {v:.0f} W" for k, v in profile.power_w.items()) or "no power counter"
+    _console().print(f"{profile.device}: peak {', '.join(f'{d} {t:.3g} TFLOP/s' for d, t in profile.peak_tflops.items())}; "
+                     f"bandwidth {profile.memory_bandwidth_gbs:.3g} GB/s; launch {profile.launch_overhead_us:.3g} µs; "
+                     f"block-sparse efficiency {profile.block_sparse_efficiency:.2f}; {power} → {path}")
+    return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -248,7 +303,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "show": cmd_show, "export": cmd_export, "finetune": cmd_finetune, "eval": cmd_eval,
+COMMANDS = {"run": cmd_run, "compare": cmd_compare, "profile": cmd_profile, "show": cmd_show, "export": cmd_export, "finetune": cmd_finetune, "eval": cmd_eval,
             "bench": cmd_bench}
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from hwnas.errors import HwnasError
@@ -11,6 +9,8 @@ from hwnas.evaluators.data import load_eval_data
 from hwnas.evaluators.metrics import accuracy, count_flops, count_params, fidelity_kl, predict_logits
 from hwnas.hwprofiles.energy import measure_energy
 from hwnas.hwprofiles.latency import device_name, measure
+from hwnas.hwprofiles.predictor import Predictor, prediction_dtype
+from hwnas.hwprofiles.profile import is_this_machine, profile_from_dict
 from hwnas.models.registry import load_model
 from hwnas.pruning.apply import apply_config
 from hwnas.pruning.block_layers import calibrate_block_sparse
@@ -26,12 +26,17 @@ class Evaluator:
     ``evaluate(config)`` returns the metrics of DESIGN.md: ``accuracy`` (when the data has
     labels), ``fidelity_kl``, ``latency_ms`` (median, with ``latency_ms_min``/``_max``),
     ``flops``, ``params`` and, where a hardware counter exists, ``energy_mj``.
+
+    With a hardware profile (a mapping, see ``hwprofiles.profile``) it also predicts
+    ``latency_ms_predicted``/``energy_mj_predicted`` on that hardware; when the profile is not this
+    machine, latency and energy are predicted only (nothing here could measure them).
     """
 
-    def __init__(self, space: Space, device: str = "cpu", energy: bool = False, progress: bool = False):
+    def __init__(self, space: Space, device: str = "cpu", energy: bool = False, progress: bool = False,
+                 hwprofile: dict | None = None):
         self.space = space
         self.settings = {**DEFAULT_MEASURE, **space.measure}
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         if self.settings["threads"]:
             torch.set_num_threads(int(self.settings["threads"]))
         self.dtype = getattr(torch, self.settings["dtype"])
@@ -41,14 +46,25 @@ class Evaluator:
         self.dense_calib_logits = predict_logits(self.model, self.data.calib_x)
         self.latency_input = _batch_of(self.data.test_x, int(self.settings["batch_size"]))
         self.pruner = BlockPruner(self.model, self.data.calib_x, progress=progress)
+        self.profile = profile_from_dict(hwprofile, "the study's hardware profile") if hwprofile else None
+        self.predictor = Predictor(self.profile, prediction_dtype(self.profile, self.settings["dtype"])) \
+            if self.profile else None
+        self.measures_here = self.profile is None or is_this_machine(self.profile, str(self.device))
 
     def info(self) -> dict:
-        """Where and how measurements are taken."""
-        return {"device": device_name(self.device), "batch_size": int(self.settings["batch_size"]),
+        """Where and how measurements are taken (and, with a profile, what is predicted for which device)."""
+        info = {"device": device_name(self.device), "batch_size": int(self.settings["batch_size"]),
                 "dtype": self.settings["dtype"], "threads": torch.get_num_threads()}
+        if self.profile is not None:
+            info["hwprofile"] = {"name": self.profile.name, "device": self.profile.device,
+                                 "source": self.profile.source, "dtype": self.predictor.dtype}
+            if not self.measures_here:
+                info["device"] = f"{self.profile.device} (predicted, {self.profile.source} profile)"
+                info["dtype"] = self.predictor.dtype
+        return info
 
     def evaluate(self, config: Config) -> dict[str, float]:
-        """All metrics of one configuration. Raises if any metric is not finite."""
+        """All metrics of one configuration (the pool turns a non-finite one into a failed trial)."""
         model = apply_config(self.model, self.space, config, self.pruner)
         return self.measure_model(model)
 
@@ -62,6 +78,10 @@ class Evaluator:
             metrics["accuracy"] = accuracy(predict_logits(model, self.data.test_x), self.data.test_y)
         metrics["flops"] = count_flops(model, self.data.input_shape)
         metrics["params"] = count_params(model)
+        if self.predictor is not None:
+            metrics.update(self.predictor.predict(model, self.latency_input))
+        if not self.measures_here:
+            return metrics
 
         model = model.to(self.device, self.dtype)
         x = self.latency_input.to(self.device, self.dtype)
@@ -75,13 +95,10 @@ class Evaluator:
                 raise HwnasError(f"no energy counter on {device_name(self.device)} (NVML or RAPL); "
                                  "drop the energy objective/budget")
             metrics["energy_mj"] = energy.mj_per_call / len(x)  # per image
-        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
-        if bad:
-            raise FloatingPointError(f"non-finite metric(s): {', '.join(bad)}")
         return metrics
 
 
-def _resolve_device(device: str) -> torch.device:
+def resolve_device(device: str) -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError:

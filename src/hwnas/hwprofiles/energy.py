@@ -28,7 +28,7 @@ class Energy:
 def measure_energy(fn: Callable[[], object], device: torch.device | str, min_seconds: float = 1.0) -> Energy | None:
     """Run ``fn`` repeatedly for at least ``min_seconds`` and read the device's energy counter around it."""
     device = torch.device(device)
-    counter = _nvml_counter(device) if device.type == "cuda" else _rapl_counter()
+    counter = _nvml_counter(device) if device.type == "cuda" else rapl_counter()
     if counter is None:
         return None
     read, source = counter
@@ -61,7 +61,7 @@ def _nvml_counter(device: torch.device):
     return (lambda: float(pynvml.nvmlDeviceGetTotalEnergyConsumption(handle))), "nvml"
 
 
-def _rapl_counter():
+def rapl_counter():
     """Sum of the package-level RAPL counters (microjoules), if readable."""
     files = sorted(glob.glob("/sys/class/powercap/intel-rapl:[0-9]*/energy_uj"))
     try:

@@ -20,9 +20,13 @@ COST_MODEL_FILE = "cost_model.json"
 
 
 def needs_cost_model(study_dir) -> bool:
-    """Whether the study's objectives, budget or optimizer use predicted metrics."""
+    """Whether the study's objectives, budget or optimizer use predicted metrics that no hardware profile gives."""
+    if study_dir.settings.optimizer == "lpvit":
+        return True
+    if study_dir.settings.hwprofile:  # the evaluator predicts from the hardware profile
+        return False
     metrics = [o.metric for o in study_dir.objectives] + list(study_dir.budget.limits)
-    return study_dir.settings.optimizer == "lpvit" or any(m.endswith("_predicted") for m in metrics)
+    return any(m.endswith("_predicted") for m in metrics)
 
 
 def study_cost_model(study_dir, pool, baseline: dict, console: Console, progress: bool = True) -> CostModel | None:

@@ -116,6 +116,16 @@ def parse_budget(text: str | None) -> Budget:
     return Budget(limits)
 
 
+def as_predicted(text: str) -> str:
+    """Objectives or a budget with latency and energy replaced by their predicted forms
+    (``accuracy,latency`` -> ``accuracy,latency_predicted``; ``latency=5ms`` -> ``latency_predicted=5ms``)."""
+    items = []
+    for item in (text or "").split(","):
+        key, sep, rest = item.strip().partition("=")
+        items.append((f"{key}_predicted" if key in ("latency", "energy") else key) + sep + rest)
+    return ",".join(i for i in items if i)
+
+
 def format_metric(metric: str, value: float) -> str:
     if metric in ("accuracy", "accuracy_drop"):
         return f"{100 * value:.2f}%"

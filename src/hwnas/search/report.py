@@ -86,9 +86,10 @@ def front_table(document: dict, title: str | None = None) -> Table:
     table.add_column("speed-up", justify="right")
     table.add_column("config", overflow="fold")
     table.add_row("dense", *[format_metric(m, base[m]) for m in metrics], "1.00x", "", style="dim")
+    latency = "latency_ms" if "latency_ms" in base else "latency_ms_predicted"  # predicted on absent hardware
     for point in document["points"]:
         m = point["metrics"]
-        speedup = base["latency_ms"] / m["latency_ms"] if m.get("latency_ms") else float("nan")
+        speedup = base[latency] / m[latency] if m.get(latency) and base.get(latency) else float("nan")
         table.add_row(str(point["trial"]), *[format_metric(k, m[k]) for k in metrics], f"{speedup:.2f}x",
                       _short_config(point["config"], document["baseline"]["config"]))
     return table

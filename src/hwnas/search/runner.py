@@ -265,3 +265,38 @@ class SearchRun:
             best = f"{first.metric} {format_metric(first.metric, pick.metrics[first.metric])}"
         hv = hypervolume(front, self.objectives, self.baseline["metrics"]) if front else 0.0
         return {"feasible": len(feasible), "front": len(front), "hv": f"{hv:.3f}", "best": best}
+
+
+def run_study(study_dir: StudyDir, console: Console, progress: bool = True) -> RunSummary:
+    """Prepare the model, start the study's evaluator pool, run (or resume) the search, close the pool."""
+    from hwnas.evaluators.pool import make_pool
+
+    settings = study_dir.settings
+    console.print(study_dir.space.describe(), markup=False, highlight=False)
+    console.print(f"study {study_dir.path}: {settings.optimizer}, {settings.trials} trials, "
+                  f"objectives {settings.objectives}, budget {study_dir.budget.describe()}", markup=False)
+    _prepare(study_dir.space, progress)
+    metrics = [o.metric for o in study_dir.objectives] + list(study_dir.budget.limits)
+    energy = any(m in ("energy_mj", "energy_mj_predicted") for m in metrics)  # predicted: fitted on measurements
+    pool = make_pool(study_dir.space.source, settings.workers, settings.device, settings.ray_address, energy,
+                     settings.fault_policy(), settings.hwprofile)
+    try:
+        return SearchRun(study_dir, pool, console, progress=progress).run()
+    finally:
+        pool.close()
+
+
+def _prepare(space, progress: bool) -> None:
+    """Train (or find) the model and build its pruned-weight databases here, with progress bars,
+    so that the workers find both in the cache instead of each building them silently."""
+    from hwnas.evaluators.data import load_eval_data
+    from hwnas.models.registry import load_model
+    from hwnas.pruning.apply import block_sizes
+    from hwnas.pruning.block_pruner import BlockPruner
+
+    model = load_model(space.model, progress=progress)
+    sizes = block_sizes(space)
+    if sizes:
+        pruner = BlockPruner(model, load_eval_data(space.data, space.model, model).calib_x, progress=progress)
+        for size in sizes:
+            pruner.database(size)

@@ -39,6 +39,9 @@ class RunSettings:
     device: str = "cpu"
     workers: int = 1
     ray_address: str | None = None
+    trial_timeout: float = 900.0  # seconds per evaluation before its worker is replaced; 0: no limit
+    retries: int = 2  # attempts after a lost worker (crash, hang, out of memory)
+    hwprofile: dict | None = None  # the hardware profile latency/energy are predicted on (hwprofiles.profile)
     extra: dict = field(default_factory=dict)
 
     def parsed_objectives(self) -> list[Objective]:
@@ -46,6 +49,12 @@ class RunSettings:
 
     def parsed_budget(self) -> Budget:
         return parse_budget(self.budget)
+
+    def fault_policy(self):
+        """The evaluator pool's timeout and retries (``hwnas.evaluators.pool.FaultPolicy``)."""
+        from hwnas.evaluators.pool import FaultPolicy
+
+        return FaultPolicy(timeout_s=self.trial_timeout or None, retries=self.retries)
 
     def population_size(self) -> int:
         return self.population or max(4, min(20, self.trials // 3))

@@ -1,0 +1,180 @@
+"""Predicted latency and energy of a transformed model on a hardware profile (a roofline).
+
+The model runs once on the CPU under a dispatch mode that records every operator it executes:
+its FLOPs (PyTorch's flop formulas) and the bytes it reads and writes, rescaled to the target
+dtype. Each operator then costs the profile's launch overhead plus
+
+* with FLOPs (linear layers, attention): max(FLOPs / rate, bytes / bandwidth);
+* without: bytes / rate — activations and norms (``_ACTIVATIONS``) at the activation rate,
+  the rest (adds, gathers, copies) at the element-wise rate;
+
+where a measured profile interpolates its cost tables by size and a spec profile uses peak ×
+efficiency (FLOPs) or its memory bandwidth (bytes). A block-sparse layer is one operator of its kept FLOPs at the profile's block-sparse
+efficiency; on a CPU it costs the lesser of that and the dense GEMM, as the runtime picks the
+faster path by measurement. Energy is predicted as time × power (``idle`` + ``active`` share where
+both are known, else TDP: an upper bound). Values are always named ``*_predicted``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
+
+from hwnas.hwprofiles.profile import CostPoint, HardwareProfile
+from hwnas.kernels.block_sparse import BlockSparseLinear
+
+#: transcendental and normalising operators, priced by the activation table (slower per byte than an add)
+_ACTIVATIONS = {"gelu", "silu", "sigmoid", "tanh", "exp", "erf", "softmax", "_softmax", "log_softmax",
+                "_log_softmax", "native_layer_norm", "layer_norm", "pow", "sqrt", "rsqrt"}
+#: operators that launch no kernel: views and allocations
+_FREE = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze", "reshape",
+         "detach", "alias", "as_strided", "slice", "select", "split", "unbind", "chunk", "_reshape_alias",
+         "empty", "empty_like", "empty_strided", "new_empty", "lift_fresh"}
+
+
+@dataclass
+class Op:
+    """One executed operator: its name, FLOPs and bytes moved (at the trace's dtype); ``dense_flops``
+    is set for a block-sparse layer (the FLOPs of its dense equivalent)."""
+
+    name: str
+    flops: float
+    bytes: float
+    dense_flops: float = 0.0
+
+
+class _OpTrace(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[Op] = []
+        self.inside_leaf = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is None and not self.inside_leaf:  # e.g. aten.linear: record what it decomposes into
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
+        name = func._overloadpacket.__name__
+        if self.inside_leaf or name in _FREE:
+            return out
+        flops = float(formula(*args, **kwargs, out_val=out)) if formula else 0.0
+        tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+        self.ops.append(Op(name, flops, float(sum(t.numel() * t.element_size() for t in tensors))))
+        return out
+
+
+@torch.inference_mode()
+def trace_ops(model: nn.Module, x: torch.Tensor) -> list[Op]:
+    """The operators one forward pass of ``model`` on ``x`` executes (block-sparse layers as one op each)."""
+    trace = _OpTrace()
+    hooks = []
+
+    def enter(module, inputs):
+        trace.inside_leaf += 1
+
+    def leave(module: BlockSparseLinear, inputs, output):
+        trace.inside_leaf -= 1
+        rows = inputs[0].numel() // module.in_features
+        density = module.blocks.shape[0] * module.block ** 2 / (module.in_features * module.out_features)
+        dense = 2.0 * rows * module.in_features * module.out_features
+        size = inputs[0].element_size()
+        moved = (inputs[0].numel() + output.numel() + module.blocks.numel()) * size
+        trace.ops.append(Op("block_sparse_linear", dense * density, float(moved), dense))
+
+    for module in model.modules():
+        if isinstance(module, BlockSparseLinear):
+            hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    try:
+        with trace:
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return trace.ops
+
+
+def prediction_dtype(profile: HardwareProfile, measured_dtype: str) -> str:
+    """The dtype to predict in: a GPU runs fp16 where the space measures fp32 on the CPU; else the same."""
+    if profile.kind == "cuda" and measured_dtype == "float32" and "float16" in profile.peak_tflops:
+        return "float16"
+    return measured_dtype
+
+
+class Predictor:
+    """Turns a model and an input batch into ``latency_ms_predicted`` (and ``energy_mj_predicted``) on a profile."""
+
+    def __init__(self, profile: HardwareProfile, dtype: str = "float32"):
+        self.profile = profile
+        self.dtype = dtype
+        if dtype not in profile.peak_tflops:
+            raise ValueError(f"profile {profile.name} has no peak for {dtype} (has {', '.join(profile.peak_tflops)})")
+        self.itemsize = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+
+    def predict(self, model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+        """Per image: predicted latency of a batch ``x`` in ms, and energy in mJ where the profile has power."""
+        seconds = sum(self.op_seconds(op, x.element_size()) for op in trace_ops(model.float(), x.float()))
+        metrics = {"latency_ms_predicted": seconds * 1e3}
+        power = self.profile.power_w
+        watts = power.get("active", power.get("tdp"))
+        if watts:
+            metrics["energy_mj_predicted"] = seconds * watts * 1e3 / len(x)
+        return metrics
+
+    def op_seconds(self, op: Op, traced_itemsize: int) -> float:
+        moved = op.bytes * self.itemsize / traced_itemsize
+        launch = self.profile.launch_overhead_us * 1e-6
+        if op.name == "block_sparse_linear":
+            sparse = max(op.flops / (self.rate("gemm", op.flops) * self.profile.block_sparse_efficiency),
+                         moved / self.bandwidth)
+            dense = op.dense_flops / self.rate("gemm", op.dense_flops)
+            return launch + (min(sparse, dense) if self.profile.kind == "cpu" else sparse)
+        table = op_table(op)
+        if op.flops:
+            return launch + max(op.flops / self.rate(table, op.flops), moved / self.bandwidth)
+        return launch + moved / self.rate(table, moved)
+
+    def rate(self, table: str, size: float) -> float:
+        """FLOP/s (gemm, attention) or bytes/s (activation, elementwise) at ``size``: the measured table
+        where the profile has one, else the spec's peak × efficiency or memory bandwidth."""
+        points = self.profile.tables.get(self.dtype, {}).get(table)
+        if points:
+            return interpolate(points, size)
+        if table in ("gemm", "attention"):
+            return self.profile.peak_tflops[self.dtype] * 1e12 * self.profile.gemm_efficiency
+        return self.bandwidth
+
+    @property
+    def bandwidth(self) -> float:
+        return self.profile.memory_bandwidth_gbs * 1e9
+
+
+def op_table(op: Op) -> str:
+    """Which cost table prices an operator."""
+    if "scaled_dot_product" in op.name:
+        return "attention"
+    if op.flops:
+        return "gemm"
+    if op.name in _ACTIVATIONS:
+        return "activation"
+    return "elementwise"
+
+
+def interpolate(points: list[CostPoint], size: float) -> float:
+    """Throughput at ``size``, linear in log-log between measured points (those of equal size averaged),
+    flat beyond them."""
+    by_size: dict[float, list[float]] = {}
+    for p in points:
+        by_size.setdefault(p.size, []).append(np.log(p.rate))
+    sizes = sorted(by_size)
+    rates = [float(np.mean(by_size[s])) for s in sizes]
+    return float(np.exp(np.interp(np.log(max(size, 1.0)), np.log(sizes), rates)))

@@ -1,0 +1,129 @@
+"""Hardware profiles, the roofline predictor, `search profile` and `search compare`."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hwnas.errors import HwnasError
+from hwnas.hwprofiles.measure_profile import measure_profile
+from hwnas.hwprofiles.predictor import Predictor, op_table, trace_ops
+from hwnas.hwprofiles.profile import CostPoint, load_profile, profile_from_dict, shipped_profiles, write_profile
+from hwnas.kernels.block_sparse import BlockSparseLinear
+
+SEARCH = [sys.executable, "-m", "hwnas"]
+
+
+def spec(**overrides) -> dict:
+    base = {"name": "toy", "device": "toy device", "kind": "cuda", "source": "spec",
+            "peak_tflops": {"float32": 1.0, "float16": 2.0}, "memory_bandwidth_gbs": 100.0,
+            "launch_overhead_us": 5.0, "power_w": {"tdp": 200.0}, "gemm_efficiency": 0.5,
+            "block_sparse_efficiency": 0.8}
+    return {**base, **overrides}
+
+
+def test_shipped_profiles_are_marked_spec():
+    assert set(shipped_profiles()) >= {"h100", "h200", "a100", "cpu"}
+    h100 = load_profile("h100")
+    assert h100.source == "spec" and h100.kind == "cuda" and h100.device == "NVIDIA H100 80GB HBM3"
+    assert h100.peak_tflops["float16"] > h100.peak_tflops["float32"] and h100.power_w["tdp"] == 700
+    with pytest.raises(HwnasError, match="unknown hardware profile 'h900'.*shipped: a100, cpu, h100, h200"):
+        load_profile("h900")
+
+
+def test_trace_counts_the_flops_and_bytes_of_each_operator():
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU())
+    ops = trace_ops(model, torch.zeros(10, 64))
+    assert [op.name for op in ops] == ["addmm", "gelu"]
+    assert ops[0].flops == 2 * 10 * 64 * 128
+    assert ops[0].bytes == 4 * (128 + 10 * 64 + 64 * 128 + 10 * 128)  # bias, input, weight, output
+    assert ops[1].flops == 0 and ops[1].bytes == 4 * 2 * 10 * 128
+
+
+def test_roofline_prediction_of_a_linear_layer_by_hand():
+    profile = profile_from_dict(spec())
+    model = nn.Linear(1024, 1024)
+    x = torch.zeros(512, 1024)
+    predicted = Predictor(profile, "float16").predict(model, x)
+    flops = 2 * 512 * 1024 * 1024
+    moved = 2 * (1024 + 512 * 1024 + 1024 * 1024 + 512 * 1024)  # fp16 bytes
+    seconds = 5e-6 + max(flops / (2e12 * 0.5), moved / 100e9)
+    assert predicted["latency_ms_predicted"] == pytest.approx(seconds * 1e3)
+    assert predicted["energy_mj_predicted"] == pytest.approx(seconds * 200 * 1e3 / 512)  # TDP × time, per image
+
+
+def test_block_sparse_layers_cost_their_kept_blocks_on_gpu_and_the_faster_path_on_cpu():
+    linear = nn.Linear(512, 512)
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[:, :4] = True  # 25% of the blocks kept
+    sparse = BlockSparseLinear.from_linear(linear, mask, 32)
+    x = torch.zeros(4096, 512)
+    gpu = Predictor(profile_from_dict(spec(launch_overhead_us=0.0, memory_bandwidth_gbs=1e6)), "float32")
+    assert gpu.predict(sparse, x)["latency_ms_predicted"] == pytest.approx(
+        gpu.predict(linear, x)["latency_ms_predicted"] * 0.25 / 0.8, rel=1e-6)
+    slow_sparse_cpu = profile_from_dict(spec(kind="cpu", launch_overhead_us=0.0, memory_bandwidth_gbs=1e6,
+                                             block_sparse_efficiency=0.1))
+    cpu = Predictor(slow_sparse_cpu, "float32")
+    assert cpu.predict(sparse, x)["latency_ms_predicted"] == pytest.approx(cpu.predict(linear, x)["latency_ms_predicted"])
+
+
+class SelfAttention(nn.Module):
+    def forward(self, q):
+        return F.scaled_dot_product_attention(q, q, q)
+
+
+def test_measured_tables_are_interpolated_and_pick_the_operator_kind():
+    profile = profile_from_dict(spec(tables={"float32": {
+        "gemm": [{"size": 1e6, "rate": 1e9}, {"size": 1e8, "rate": 1e11}],
+        "attention": [{"size": 1e6, "rate": 1e8}],
+        "activation": [{"size": 1e3, "rate": 1e8}],
+        "elementwise": [{"size": 1e3, "rate": 1e9}, {"size": 1e5, "rate": 1e10}]}}))
+    predictor = Predictor(profile, "float32")
+    assert predictor.rate("gemm", 1e7) == pytest.approx(1e10)  # log-log midpoint
+    assert predictor.rate("gemm", 1e12) == pytest.approx(1e11)  # flat beyond the table
+    assert predictor.rate("elementwise", 1e4) == pytest.approx(10 ** 9.5)
+    assert Predictor(profile, "float16").rate("gemm", 1e7) == pytest.approx(2e12 * 0.5)  # no fp16 table: spec
+    assert isinstance(profile.tables["float32"]["gemm"][0], CostPoint)
+    model = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8), nn.GELU())
+    ops = trace_ops(model, torch.zeros(4, 8))
+    assert [op_table(op) for op in ops] == ["activation", "gemm", "activation"]
+    attention = trace_ops(SelfAttention(), torch.zeros(1, 2, 5, 8))
+    assert [op_table(op) for op in attention] == ["attention"]
+
+
+def test_measured_profile_round_trips_through_yaml(tmp_path):
+    profile = measure_profile("cpu", "here", quick=True)
+    assert profile.source == "measured" and profile.device.startswith("cpu: ") and profile.threads
+    assert set(profile.tables["float32"]) == {"gemm", "attention", "activation", "elementwise"}
+    assert profile.launch_overhead_us > 0
+    assert 0 < profile.block_sparse_efficiency
+    again = load_profile(write_profile(profile, tmp_path / "here.yaml"))
+    assert again == profile
+
+
+def test_profile_then_compare_prints_both_columns(tmp_path):
+    """`search profile` here, then a comparison with the H100 spec: measured and predicted side by side."""
+    profile = tmp_path / "cpu.yaml"
+    done = subprocess.run([*SEARCH, "profile", "-o", str(profile), "--quick"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "compare"
+    done = subprocess.run([*SEARCH, "compare", "--hwprofile", str(profile), "--hwprofile", "h100", "--trials", "4",
+                           "--workers", "0", "--out", str(out), "--no-progress"], capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr
+    header = next(line for line in done.stdout.splitlines() if "cpu-measured" in line and "h100" in line)
+    assert header.index("cpu-measured") < header.index("h100")
+    assert "predicted vs measured latency (front)" in done.stdout
+    data = json.loads((out / "compare.json").read_text())
+    here, h100 = data["profiles"]
+    assert here["measured"] and not h100["measured"]
+    assert here["prediction_error"]["n"] >= 1 and h100["prediction_error"] is None
+    h100_front = json.loads((out / "h100" / "pareto.json").read_text())
+    assert "predicted" in h100_front["device"] and "NVIDIA H100" in h100_front["device"]
+    assert all("latency_ms" not in p["metrics"] and p["metrics"]["latency_ms_predicted"] > 0
+               for p in h100_front["points"])
+    assert (out / "compare.png").exists() and "chosen configuration per variable" in (out / "compare.md").read_text()
