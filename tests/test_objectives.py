@@ -49,3 +49,14 @@ def test_latency_and_energy_become_predicted_on_absent_hardware():
     assert as_predicted("latency=5ms, accuracy_drop=1%") == "latency_predicted=5ms,accuracy_drop=1%"
     assert as_predicted("") == ""
     assert parse_budget(as_predicted("latency=5ms")).limits == {"latency_ms_predicted": 5.0}
+
+
+def test_a_relative_latency_budget_compares_with_the_dense_model():
+    budget = parse_budget("latency=80%")
+    assert budget.limits == {"latency_ms_vs_dense": 0.8}
+    dense = {"latency_ms": 50.0}
+    assert budget.feasible({"latency_ms": 40.0}, dense) and not budget.feasible({"latency_ms": 41.0}, dense)
+    assert "80.0% of dense" in budget.describe()
+    assert parse_budget("energy_predicted=50%").limits == {"energy_mj_predicted_vs_dense": 0.5}
+    with pytest.raises(HwnasError, match="or % of dense"):
+        parse_budget("latency=2x")

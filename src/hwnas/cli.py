@@ -16,7 +16,7 @@ from rich.table import Table
 
 from hwnas.errors import HwnasError
 
-BENCHES = ("tokens", "prune", "kernels", "models", "windows", "scaling")
+BENCHES = ("tokens", "prune", "kernels", "models", "windows", "scaling", "joint")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -299,7 +299,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     results = module.run(device=args.device, quick=args.quick)
     path = write_record(bench_record(args.name, args.device, results), args.json)
     _console().print(module.summary(results))
-    Console(stderr=True).print(f"wrote {len(results)} measurements to {path}", markup=False)
+    figure = f" and {module.plot(results, path.with_suffix('.png'))}" if hasattr(module, "plot") else ""
+    Console(stderr=True).print(f"wrote {len(results)} measurements to {path}{figure}", markup=False)
     return 0
 
 

@@ -14,9 +14,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from hwnas.errors import HwnasError
 from hwnas.hwprofiles.cost_model import CostModel, design_configs, random_configs
+from hwnas.search.objectives import RELATIVE
 from hwnas.spaces import Config, config_hash
 
 COST_MODEL_FILE = "cost_model.json"
+
+
+def study_metrics(study_dir) -> list[str]:
+    """The metrics the objectives and the budget read (a relative limit reads its metric)."""
+    limits = [m.removesuffix(RELATIVE) for m in study_dir.budget.limits]
+    return [o.metric for o in study_dir.objectives] + limits
 
 
 def needs_cost_model(study_dir) -> bool:
@@ -25,8 +32,7 @@ def needs_cost_model(study_dir) -> bool:
         return True
     if study_dir.settings.hwprofile:  # the evaluator predicts from the hardware profile
         return False
-    metrics = [o.metric for o in study_dir.objectives] + list(study_dir.budget.limits)
-    return any(m.endswith("_predicted") for m in metrics)
+    return any(m.endswith("_predicted") for m in study_metrics(study_dir))
 
 
 def study_cost_model(study_dir, pool, baseline: dict, console: Console, progress: bool = True) -> CostModel | None:
@@ -35,8 +41,7 @@ def study_cost_model(study_dir, pool, baseline: dict, console: Console, progress
         return None
     path = study_dir.path / COST_MODEL_FILE
     model = CostModel.load(path) if path.is_file() else _fit(study_dir, pool, baseline, console, progress)
-    needed = [o.metric for o in study_dir.objectives] + list(study_dir.budget.limits)
-    missing = [m for m in needed if m.endswith("_predicted") and m not in model.metrics]
+    missing = [m for m in study_metrics(study_dir) if m.endswith("_predicted") and m not in model.metrics]
     if missing:
         raise HwnasError(f"the cost model predicts {', '.join(model.metrics)} only: {missing[0]} needs "
                          f"{missing[0].removesuffix('_predicted')} measurements to fit on (an energy counter)")

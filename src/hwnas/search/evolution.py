@@ -115,10 +115,11 @@ class PredictedBudget:
         fitted = self.cost_model.predict(config) if self.cost_model.coefficients else {}
         for metric, limit in self.limits.items():
             base = metric.removesuffix("_predicted")
+            reference = self.baseline.get(metric, self.baseline.get(base))  # a profile's prediction, or measured
             if f"{base}_predicted" in fitted:
                 value = fitted[f"{base}_predicted"]
-            elif base in ("latency_ms", "energy_mj", "flops") and base in self.baseline:
-                value = self.baseline[base] * min(1.0, max(0.0, kept))
+            elif base in ("latency_ms", "energy_mj", "flops") and reference is not None:
+                value = reference * min(1.0, max(0.0, kept))
             else:
                 continue
             if value > limit:

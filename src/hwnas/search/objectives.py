@@ -2,7 +2,9 @@
 
 ``--objectives accuracy,latency`` names metrics to maximise or minimise; ``--budget
 latency=5ms,energy=20mJ,accuracy_drop=1%`` becomes constraints ``value - limit <= 0`` (Optuna's
-and pymoo's convention), so a candidate over any limit is infeasible.
+and pymoo's convention), so a candidate over any limit is infeasible. Latency and energy limits
+may also be relative to the dense model measured in the same study: ``latency=80%`` limits
+``latency_ms_vs_dense`` (latency / dense latency) to 0.8.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ BUDGET_KEYS: dict[str, tuple[str, dict[str, float]]] = {
     "accuracy_drop": ("accuracy_drop", _FRACTION),
     "fidelity": ("fidelity_kl", {"": 1.0}),
 }
+RELATIVE = "_vs_dense"  # suffix of a limit on a metric's ratio to the dense model's
 UNITS = {"latency_ms": "ms", "energy_mj": "mJ", "flops": "", "params": "", "accuracy_drop": "", "fidelity_kl": ""}
 
 
@@ -85,6 +88,9 @@ class Budget:
     def value(metric: str, metrics: dict[str, float], baseline: dict[str, float]) -> float:
         if metric == "accuracy_drop":
             return baseline["accuracy"] - metrics["accuracy"]
+        if metric.endswith(RELATIVE):
+            base = metric.removesuffix(RELATIVE)
+            return metrics[base] / baseline[base]
         return metrics[metric]
 
     def describe(self) -> str:
@@ -107,12 +113,16 @@ def parse_budget(text: str | None) -> Budget:
         metric, units = BUDGET_KEYS[key]
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*([a-zA-Zµ%]*)\s*", raw)
         unit = match.group(2).lower() if match else None
+        if unit == "%" and metric.startswith(("latency_ms", "energy_mj")):  # relative to the dense model
+            metric, units = metric + RELATIVE, _FRACTION
         if match is None or unit not in units:
             allowed = ", ".join(u for u in units if u) or "none"
+            allowed += ", or % of dense" if metric.startswith(("latency_ms", "energy_mj")) else ""
             raise HwnasError(f"malformed budget '{item}': expected a number with a unit ({allowed})")
         if metric in limits:
             raise HwnasError(f"budget '{key}' given twice")
-        limits[metric] = float(match.group(1)) * units[unit]
+        number = float(match.group(1))
+        limits[metric] = number / 100 if unit == "%" else number * units[unit]  # 95 / 100 is exact, 95 * 0.01 not
     return Budget(limits)
 
 
@@ -129,6 +139,8 @@ def as_predicted(text: str) -> str:
 def format_metric(metric: str, value: float) -> str:
     if metric in ("accuracy", "accuracy_drop"):
         return f"{100 * value:.2f}%"
+    if metric.endswith(RELATIVE):
+        return f"{100 * value:.1f}% of dense"
     if metric in ("flops", "params"):
         for suffix, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
             if abs(value) >= scale:

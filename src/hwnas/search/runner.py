@@ -16,8 +16,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hwnas.errors import BudgetError, HwnasError
-from hwnas.search.costs import study_cost_model
-from hwnas.search.objectives import format_metric
+from hwnas.search.costs import study_cost_model, study_metrics
+from hwnas.search.objectives import RELATIVE, format_metric
 from hwnas.search.optimizers import Proposal, enqueued_trial, make_optimizer
 from hwnas.search.pareto import Record, hypervolume, pareto_front
 from hwnas.search.report import write_pareto, write_report
@@ -134,7 +134,7 @@ class SearchRun:
 
     def _check_metrics(self, metrics: dict) -> None:
         needed = [o.metric for o in self.objectives] + [
-            "accuracy" if m == "accuracy_drop" else m for m in self.budget.limits]
+            "accuracy" if m == "accuracy_drop" else m.removesuffix(RELATIVE) for m in self.budget.limits]
         missing = [m for m in needed if m not in metrics and not m.endswith("_predicted")]  # the cost model's
         if missing:
             hint = " (the data has no labels: use --objectives fidelity,latency)" if "accuracy" in missing else ""
@@ -276,8 +276,8 @@ def run_study(study_dir: StudyDir, console: Console, progress: bool = True) -> R
     console.print(f"study {study_dir.path}: {settings.optimizer}, {settings.trials} trials, "
                   f"objectives {settings.objectives}, budget {study_dir.budget.describe()}", markup=False)
     _prepare(study_dir.space, progress)
-    metrics = [o.metric for o in study_dir.objectives] + list(study_dir.budget.limits)
-    energy = any(m in ("energy_mj", "energy_mj_predicted") for m in metrics)  # predicted: fitted on measurements
+    # energy is measured for energy_mj and for the cost model's energy_mj_predicted, which is fitted on it
+    energy = any(m in ("energy_mj", "energy_mj_predicted") for m in study_metrics(study_dir))
     pool = make_pool(study_dir.space.source, settings.workers, settings.device, settings.ray_address, energy,
                      settings.fault_policy(), settings.hwprofile)
     try:
