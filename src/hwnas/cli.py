@@ -169,13 +169,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _target_profile(settings, spec: str) -> None:
     """Put the profile into the settings; on absent hardware, latency and energy become predicted metrics."""
-    from hwnas.hwprofiles.profile import is_this_machine, load_profile
-    from hwnas.search.objectives import as_predicted
+    from hwnas.hwprofiles.profile import load_profile
 
     profile = load_profile(spec)
-    settings.hwprofile = profile.as_dict()
-    if not is_this_machine(profile, settings.device):
-        settings.objectives, settings.budget = as_predicted(settings.objectives), as_predicted(settings.budget)
+    if not settings.target(profile):
         _say(f"search: {profile.describe()} is not this machine: latency and energy are predicted from its profile")
 
 

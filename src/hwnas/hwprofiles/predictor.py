@@ -121,8 +121,9 @@ class Predictor:
         self.itemsize = torch.empty((), dtype=getattr(torch, dtype)).element_size()
 
     def predict(self, model: nn.Module, x: torch.Tensor) -> dict[str, float]:
-        """Per image: predicted latency of a batch ``x`` in ms, and energy in mJ where the profile has power."""
-        seconds = sum(self.op_seconds(op, x.element_size()) for op in trace_ops(model.float(), x.float()))
+        """Predicted latency of the batch ``x`` in ms, and energy per image in mJ where the profile has power
+        (``model`` and ``x`` on the CPU; bytes are rescaled from their dtype to the predicted one)."""
+        seconds = sum(self.op_seconds(op, x.element_size()) for op in trace_ops(model, x))
         metrics = {"latency_ms_predicted": seconds * 1e3}
         power = self.profile.power_w
         watts = power.get("active", power.get("tdp"))

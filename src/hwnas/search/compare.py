@@ -23,7 +23,7 @@ from rich.table import Table
 
 from hwnas.errors import HwnasError
 from hwnas.hwprofiles.profile import HardwareProfile, is_this_machine, load_profile
-from hwnas.search.objectives import as_predicted, format_metric
+from hwnas.search.objectives import format_metric
 from hwnas.search.runner import run_study
 from hwnas.search.study import RunSettings, StudyDir, read_pareto
 from hwnas.spaces import Space
@@ -83,7 +83,6 @@ def compare(space: Space, profiles: list[str], out: str | Path, trials: int, bud
     results = []
     for profile in loaded:
         path = Path(out) / profile.name
-        measured = is_this_machine(profile, device)
         if (path / "study.db").exists():
             study_dir = StudyDir.open(path)
             if study_dir.settings.hwprofile != profile.as_dict():
@@ -91,11 +90,11 @@ def compare(space: Space, profiles: list[str], out: str | Path, trials: int, bud
                                  "choose another --out")
             study_dir.settings.trials = trials
             study_dir.save_settings()
+            measured = is_this_machine(profile, study_dir.settings.device)
         else:
             settings = RunSettings(objectives="accuracy,latency", budget=budget, optimizer=optimizer, trials=trials,
-                                   seed=seed, workers=workers, device=device, hwprofile=profile.as_dict())
-            if not measured:
-                settings.objectives, settings.budget = as_predicted(settings.objectives), as_predicted(budget)
+                                   seed=seed, workers=workers, device=device)
+            measured = settings.target(profile)
             study_dir = StudyDir.create(path, space, settings)
         console.print(f"[bold]{profile.describe()}[/]: {'measured here' if measured else 'predicted from the profile'}")
         run_study(study_dir, console, progress)

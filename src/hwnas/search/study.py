@@ -50,6 +50,18 @@ class RunSettings:
     def parsed_budget(self) -> Budget:
         return parse_budget(self.budget)
 
+    def target(self, profile) -> bool:
+        """Predict latency and energy on ``profile`` (a ``HardwareProfile``). Where it is not this machine,
+        the latency and energy objectives and limits become their predicted forms. Returns whether it is."""
+        from hwnas.hwprofiles.profile import is_this_machine
+        from hwnas.search.objectives import as_predicted
+
+        self.hwprofile = profile.as_dict()
+        here = is_this_machine(profile, self.device)
+        if not here:
+            self.objectives, self.budget = as_predicted(self.objectives), as_predicted(self.budget)
+        return here
+
     def fault_policy(self):
         """The evaluator pool's timeout and retries (``hwnas.evaluators.pool.FaultPolicy``)."""
         from hwnas.evaluators.pool import FaultPolicy
