@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hwnas.errors import HwnasError
+from hwnas.hwprofiles.energy import measure_energy
 from hwnas.hwprofiles.measure_profile import measure_profile
 from hwnas.hwprofiles.predictor import Predictor, op_table, trace_ops
 from hwnas.hwprofiles.profile import CostPoint, load_profile, profile_from_dict, shipped_profiles, write_profile
@@ -127,3 +129,15 @@ def test_profile_then_compare_prints_both_columns(tmp_path):
     assert all("latency_ms" not in p["metrics"] and p["metrics"]["latency_ms_predicted"] > 0
                for p in h100_front["points"])
     assert (out / "compare.png").exists() and "chosen configuration per variable" in (out / "compare.md").read_text()
+
+
+def test_energy_above_idle_is_reported_beside_the_total():
+    def read() -> float:  # a counter that gains 100 W: 100 J per second of wall time, in mJ
+        return time.perf_counter() * 100.0 * 1e3
+
+    energy = measure_energy(lambda: time.sleep(0.01), "cpu", min_seconds=0.2, idle_w=40.0, counter=(read, "fake"))
+    assert energy.source == "fake" and energy.calls >= 10
+    per_call_s = energy.seconds / energy.calls
+    assert energy.mj_per_call == pytest.approx(100.0 * per_call_s * 1e3, rel=0.05)
+    assert energy.above_idle_mj_per_call == pytest.approx(60.0 * per_call_s * 1e3, rel=0.05)
+    assert measure_energy(lambda: None, "cpu", min_seconds=0.05, counter=(read, "fake")).above_idle_mj_per_call is None

@@ -25,7 +25,8 @@ class Evaluator:
 
     ``evaluate(config)`` returns the metrics of DESIGN.md: ``accuracy`` (when the data has
     labels), ``fidelity_kl``, ``latency_ms`` (median, with ``latency_ms_min``/``_max``),
-    ``flops``, ``params`` and, where a hardware counter exists, ``energy_mj``.
+    ``flops``, ``params`` and, where a hardware counter exists, ``energy_mj`` (and, when this
+    machine's profile knows its idle power, ``energy_mj_above_idle``).
 
     With a hardware profile (a mapping, see ``hwprofiles.profile``) it also predicts
     ``latency_ms_predicted``/``energy_mj_predicted`` on that hardware; when the profile is not this
@@ -90,11 +91,14 @@ class Evaluator:
         timing = measure(lambda: model(x), self.device, int(self.settings["warmup"]), int(self.settings["repeats"]))
         metrics.update(latency_ms=timing.median_ms, latency_ms_min=timing.min_ms, latency_ms_max=timing.max_ms)
         if self.energy:
-            energy = measure_energy(lambda: model(x), self.device)
+            idle_w = self.profile.power_w.get("idle") if self.profile is not None else None  # measured here
+            energy = measure_energy(lambda: model(x), self.device, idle_w=idle_w)
             if energy is None:
                 raise HwnasError(f"no energy counter on {device_name(self.device)} (NVML or RAPL); "
                                  "drop the energy objective/budget")
             metrics["energy_mj"] = energy.mj_per_call / len(x)  # per image
+            if energy.above_idle_mj_per_call is not None:
+                metrics["energy_mj_above_idle"] = energy.above_idle_mj_per_call / len(x)
         return metrics
 
 

@@ -1,8 +1,9 @@
 """Energy per inference from hardware counters: NVML on NVIDIA GPUs, RAPL on CPUs where readable.
 
 Both read a cumulative energy counter over a window of at least ``min_seconds`` of repeated
-inference and divide by the inferences run. Where neither counter exists, ``measure_energy``
-returns None: hwnas never presents a guess as a measurement.
+inference and divide by the inferences run. Given the device's idle power, the energy above idle
+(total − idle power × time) is reported beside the total. Where neither counter exists,
+``measure_energy`` returns None: hwnas never presents a guess as a measurement.
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ class Energy:
     source: str  # "nvml" | "rapl"
     calls: int
     seconds: float
+    above_idle_mj_per_call: float | None = None  # with a known idle power: total minus idle power × time
 
 
-def measure_energy(fn: Callable[[], object], device: torch.device | str, min_seconds: float = 1.0) -> Energy | None:
-    """Run ``fn`` repeatedly for at least ``min_seconds`` and read the device's energy counter around it."""
+def measure_energy(fn: Callable[[], object], device: torch.device | str, min_seconds: float = 1.0,
+                   idle_w: float | None = None, counter=None) -> Energy | None:
+    """Run ``fn`` repeatedly for at least ``min_seconds`` and read the device's energy counter around it
+    (``counter``: a ``(read_mj, source)`` pair, by default the device's NVML or RAPL counter)."""
     device = torch.device(device)
-    counter = _nvml_counter(device) if device.type == "cuda" else rapl_counter()
+    counter = counter or (_nvml_counter(device) if device.type == "cuda" else rapl_counter())
     if counter is None:
         return None
     read, source = counter
@@ -46,7 +50,8 @@ def measure_energy(fn: Callable[[], object], device: torch.device | str, min_sec
         sync()
         seconds = time.perf_counter() - start
         used_mj = read() - start_mj
-    return Energy(used_mj / calls, source, calls, seconds)
+    above_idle = None if idle_w is None else (used_mj - idle_w * seconds * 1e3) / calls
+    return Energy(used_mj / calls, source, calls, seconds, above_idle)
 
 
 def _nvml_counter(device: torch.device):

@@ -42,7 +42,7 @@ BUDGET_KEYS: dict[str, tuple[str, dict[str, float]]] = {
     "fidelity": ("fidelity_kl", {"": 1.0}),
 }
 RELATIVE = "_vs_dense"  # suffix of a limit on a metric's ratio to the dense model's
-UNITS = {"latency_ms": "ms", "energy_mj": "mJ", "flops": "", "params": "", "accuracy_drop": "", "fidelity_kl": ""}
+UNITS = {"latency_ms": "ms", "energy_mj": "mJ", "energy_mj_above_idle": "mJ", "flops": "", "params": "", "accuracy_drop": "", "fidelity_kl": ""}
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from rich.table import Table
 from hwnas.search.objectives import format_metric
 from hwnas.search.pareto import Record, hypervolume, pareto_front
 
-TABLE_METRICS = ("accuracy", "fidelity_kl", "latency_ms", "latency_ms_predicted", "energy_mj", "energy_mj_predicted",
-                 "flops", "params")
+TABLE_METRICS = ("accuracy", "fidelity_kl", "latency_ms", "latency_ms_predicted", "energy_mj", "energy_mj_above_idle",
+                 "energy_mj_predicted", "flops", "params")
 
 
 def pareto_document(study_dir, records: list[Record], baseline: dict) -> dict:
