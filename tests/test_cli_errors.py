@@ -37,6 +37,9 @@ def assert_one_line(err: str, expected: str):
     (["compare", "--hwprofile", "h100", "--out", "{tmp}/c"], "compare needs two or more --hwprofile"),
     (["compare", "--hwprofile", "h100", "--hwprofile", "h100", "--out", "{tmp}/c"], "share the name 'h100'"),
     (["profile", "--device", "tpu", "-o", "{tmp}/p.yaml"], "unknown device 'tpu'"),
+    (["compare", "--hwprofile", "h100", "--hwprofile", "a100", "--optimizer", "lpvit", "--out", "{tmp}/c"],
+     "compare profiles with nsga2"),
+    (["run", "--hwprofile", "h100", "--optimizer", "lpvit", "--out", "{tmp}/a"], "with --hwprofile use nsga2"),
 ])
 def test_bad_arguments(capsys, tmp_path, argv, expected):
     code, err = run_cli(capsys, *[a.replace("{tmp}", str(tmp_path)) for a in argv])

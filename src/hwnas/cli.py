@@ -207,6 +207,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     if len(args.hwprofile) < 2:
         raise HwnasError("compare needs two or more --hwprofile")
+    if args.optimizer == "lpvit":
+        raise HwnasError("lpvit fits its own cost model on measurements here; compare profiles with nsga2 or optuna-*")
     space = load_space(args.space)
     settings = RunSettings(budget=args.budget, optimizer=args.optimizer, trials=args.trials, seed=args.seed,
                            workers=args.workers, device=args.device)
