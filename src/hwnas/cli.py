@@ -197,6 +197,13 @@ def _validate(space, settings) -> None:
     if settings.trial_timeout < 0 or settings.retries < 0:
         raise HwnasError("--trial-timeout and --retries must be 0 or more")
     check_space(build_arch(space.model), space)
+    if settings.hwprofile:  # the profile can price the space's dtype
+        from hwnas.evaluators.evaluator import DEFAULT_MEASURE
+        from hwnas.hwprofiles.predictor import Predictor, prediction_dtype
+        from hwnas.hwprofiles.profile import profile_from_dict
+
+        profile = profile_from_dict(settings.hwprofile)
+        Predictor(profile, prediction_dtype(profile, {**DEFAULT_MEASURE, **space.measure}["dtype"]))
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

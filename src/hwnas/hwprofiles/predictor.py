@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
+from hwnas.errors import HwnasError
 from hwnas.hwprofiles.profile import CostPoint, HardwareProfile
 from hwnas.kernels.block_sparse import BlockSparseLinear
 
@@ -117,7 +118,8 @@ class Predictor:
         self.profile = profile
         self.dtype = dtype
         if dtype not in profile.peak_tflops:
-            raise ValueError(f"profile {profile.name} has no peak for {dtype} (has {', '.join(profile.peak_tflops)})")
+            raise HwnasError(f"hardware profile {profile.name} has no peak_tflops for {dtype} "
+                             f"(has {', '.join(profile.peak_tflops)}); add it or set measure.dtype in the space")
         self.itemsize = torch.empty((), dtype=getattr(torch, dtype)).element_size()
 
     def predict(self, model: nn.Module, x: torch.Tensor) -> dict[str, float]:
