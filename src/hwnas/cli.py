@@ -199,11 +199,9 @@ def _validate(space, settings) -> None:
     check_space(build_arch(space.model), space)
     if settings.hwprofile:  # the profile can price the space's dtype
         from hwnas.evaluators.evaluator import DEFAULT_MEASURE
-        from hwnas.hwprofiles.predictor import Predictor, prediction_dtype
-        from hwnas.hwprofiles.profile import profile_from_dict
+        from hwnas.hwprofiles.predictor import predictor_for
 
-        profile = profile_from_dict(settings.hwprofile)
-        Predictor(profile, prediction_dtype(profile, {**DEFAULT_MEASURE, **space.measure}["dtype"]))
+        predictor_for(settings.hwprofile, {**DEFAULT_MEASURE, **space.measure}["dtype"])
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -9,8 +9,8 @@ from hwnas.evaluators.data import load_eval_data
 from hwnas.evaluators.metrics import accuracy, count_flops, count_params, fidelity_kl, predict_logits
 from hwnas.hwprofiles.energy import measure_energy
 from hwnas.hwprofiles.latency import device_name, measure
-from hwnas.hwprofiles.predictor import Predictor, prediction_dtype
-from hwnas.hwprofiles.profile import is_this_machine, profile_from_dict
+from hwnas.hwprofiles.predictor import predictor_for
+from hwnas.hwprofiles.profile import is_this_machine
 from hwnas.models.registry import load_model
 from hwnas.pruning.apply import apply_config
 from hwnas.pruning.block_layers import calibrate_block_sparse
@@ -47,9 +47,8 @@ class Evaluator:
         self.dense_calib_logits = predict_logits(self.model, self.data.calib_x)
         self.latency_input = _batch_of(self.data.test_x, int(self.settings["batch_size"]))
         self.pruner = BlockPruner(self.model, self.data.calib_x, progress=progress)
-        self.profile = profile_from_dict(hwprofile, "the study's hardware profile") if hwprofile else None
-        self.predictor = Predictor(self.profile, prediction_dtype(self.profile, self.settings["dtype"])) \
-            if self.profile else None
+        self.predictor = predictor_for(hwprofile, self.settings["dtype"]) if hwprofile else None
+        self.profile = self.predictor.profile if self.predictor else None
         self.measures_here = self.profile is None or is_this_machine(self.profile, str(self.device))
 
     def info(self) -> dict:

@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 from hwnas.errors import HwnasError
-from hwnas.hwprofiles.profile import CostPoint, HardwareProfile
+from hwnas.hwprofiles.profile import CostPoint, HardwareProfile, profile_from_dict
 from hwnas.kernels.block_sparse import BlockSparseLinear
 
 #: transcendental and normalising operators, priced by the activation table (slower per byte than an add)
@@ -109,6 +109,13 @@ def prediction_dtype(profile: HardwareProfile, measured_dtype: str) -> str:
     if profile.kind == "cuda" and measured_dtype == "float32" and "float16" in profile.peak_tflops:
         return "float16"
     return measured_dtype
+
+
+def predictor_for(hwprofile: dict, measured_dtype: str) -> Predictor:
+    """The predictor of a profile mapping (as a study stores it) for a space measured in ``measured_dtype``;
+    one clear error when the profile cannot price that dtype."""
+    profile = profile_from_dict(hwprofile, "the study's hardware profile")
+    return Predictor(profile, prediction_dtype(profile, measured_dtype))
 
 
 class Predictor:
