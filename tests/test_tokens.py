@@ -8,7 +8,7 @@ import torch
 
 from hwnas.errors import HwnasError
 from hwnas.pruning.token_methods import (LOW_PASS_RADIUS, TOKEN_METHODS, EvitMethod, RandomMethod, TokenState, TomeMethod,
-                                         UccMethod, high_pass_operator, spectral_energy)
+                                         UccMethod, low_pass_basis, spectral_energy)
 from hwnas.pruning.tokens import apply_token_keep, keep_counts, observed_block
 
 
@@ -88,12 +88,12 @@ def test_ucc_keeps_the_best_scored_tokens_and_fuses_the_rest_into_the_most_simil
     attention = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     state = _state(patches, attention=attention, attention_sum=attention, observed=1, keys=keys)
     out = UccMethod(spectral_weight=0.0).reduce(state, keep=2)
-    relevance = torch.tensor([0.15, 0.05]) / 0.3  # pruned scores / weakest kept score
-    expected0 = (patches[0, 0] + relevance[0] * patches[0, 2]) / (1 + relevance[0])
-    expected1 = (patches[0, 1] + relevance[1] * patches[0, 3]) / (1 + relevance[1])
-    assert torch.allclose(out.patches[0], torch.stack([expected0, expected1]), atol=1e-6)
-    assert torch.allclose(out.size[0], 1 + relevance, atol=1e-6)
+    expected = torch.stack([(patches[0, 0] + patches[0, 2]) / 2, (patches[0, 1] + patches[0, 3]) / 2])
+    assert torch.allclose(out.patches[0], expected, atol=1e-6)  # size-weighted means
+    assert torch.allclose(out.size[0], torch.tensor([2.0, 2.0]))
     assert out.owner.tolist() == [[0, 1, 0, 1]]  # every patch of the grid belongs to the token it was fused into
+    # the cascade: a kept token inherits the accumulated score of what it absorbed
+    assert torch.allclose(out.attention_sum[0], torch.tensor([0.5 + 0.15, 0.3 + 0.05]))
     assert torch.equal(out.x[:, :1], state.x[:, :1])  # class token untouched
 
 
@@ -103,8 +103,9 @@ def test_ucc_scores_accumulate_over_blocks():
     state = _state(torch.randn(1, 4, 2), keys=torch.randn(1, 4, 2))
     for attention in [[0.45, 0.35, 0.15, 0.05]] * 4 + [[0.0, 0.0, 0.1, 0.9]]:  # the last block alone would keep 3, 2
         state = method.observe(state, torch.tensor([attention]), state.keys)
-    kept = method.reduce(state, keep=2).attention_sum
-    assert torch.allclose(kept, torch.tensor([[1.8, 1.4]]))  # tokens 0 and 1 stay
+    out = method.reduce(state, keep=2)
+    assert out.owner[0, :2].tolist() == [0, 1]  # tokens 0 and 1 stay
+    assert torch.allclose(out.attention_sum.sum(), torch.tensor(5.0))  # 5 blocks: nothing of 2 and 3 is lost
 
 
 def test_spectral_energy_is_high_on_edges_and_zero_on_flat_regions():
@@ -118,14 +119,31 @@ def test_spectral_energy_is_high_on_edges_and_zero_on_flat_regions():
     assert energy.argmax() == 5 and energy[15] < energy[5] / 4
 
 
+def test_spectral_energy_of_fused_tokens_is_the_mean_over_the_patches_they_cover():
+    torch.manual_seed(0)
+    patches = torch.randn(2, 7, 5, dtype=torch.float64)
+    owner = torch.randint(0, 7, (2, 16))
+    owner[:, :7] = torch.arange(7)  # every token covers at least one patch
+    state = TokenState(x=torch.cat([torch.zeros(2, 1, 5, dtype=torch.float64), patches], 1), prefix=1, grid=(4, 4),
+                       owner=owner)
+    grid = torch.stack([patches[b, owner[b]] for b in range(2)])  # painted back onto the 4x4 grid
+    basis = low_pass_basis(4, 4).double()
+    energy = (grid - basis @ (basis.T @ grid)).pow(2).sum(-1)  # per patch
+    expected = torch.stack([torch.stack([energy[b, owner[b] == n].mean() for n in range(7)]) for b in range(2)])
+    assert torch.allclose(spectral_energy(state).double(), expected, rtol=1e-4)
+
+
 @pytest.mark.parametrize("height, width", [(4, 4), (3, 5), (14, 14)])
-def test_high_pass_operator_equals_the_fft_filter(height, width):
+def test_low_pass_basis_gives_the_fft_high_pass(height, width):
     grid = torch.randn(2, height, width, 6, dtype=torch.float64)
     fy = torch.fft.fftfreq(height, dtype=torch.float64)[:, None]
     fx = torch.fft.fftfreq(width, dtype=torch.float64)[None, :]
     keep = ((fy ** 2 + fx ** 2).sqrt() > LOW_PASS_RADIUS).to(torch.float64)[None, :, :, None]
     expected = torch.fft.ifft2(torch.fft.fft2(grid, dim=(1, 2)) * keep, dim=(1, 2)).real
-    actual = high_pass_operator(height, width) @ grid.reshape(2, -1, 6).float()
+    signal = grid.reshape(2, -1, 6).float()
+    basis = low_pass_basis(height, width)
+    assert torch.allclose(basis.T @ basis, torch.eye(basis.shape[1]), atol=1e-5)  # orthonormal
+    actual = signal - basis @ (basis.T @ signal)
     assert torch.allclose(actual, expected.reshape(2, -1, 6).float(), atol=1e-5)
 
 

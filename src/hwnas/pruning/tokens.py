@@ -47,11 +47,14 @@ class TokenKeepBlocks(nn.Sequential):
             self.observes = [i < cuts[-1] for i in range(len(self.prune_to))]
         else:
             self.observes = [i + 1 in cuts for i in range(len(self.prune_to))]
+        # keys serve the merge at the next cut only, so only the block just before a cut returns them
+        self.returns_keys = [method.needs_keys and i + 1 in cuts for i in range(len(self.prune_to))]
         self.size_bias = [method.proportional and i >= cuts[0] for i in range(len(self.prune_to))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = TokenState(x=x, prefix=self.num_prefix_tokens, grid=self.grid)
-        for block, keep, observes, size_bias in zip(self, self.prune_to, self.observes, self.size_bias):
+        for block, keep, observes, returns_keys, size_bias in zip(self, self.prune_to, self.observes, self.returns_keys,
+                                                                  self.size_bias):
             if keep is not None:
                 state = self.method.reduce(state, keep)
             if observes or size_bias:
@@ -59,7 +62,7 @@ class TokenKeepBlocks(nn.Sequential):
                 out, attention, keys = observed_block(
                     block, state.x, self.num_prefix_tokens, size,
                     want_attention=observes and self.method.needs_attention,
-                    want_keys=observes and self.method.needs_keys)
+                    want_keys=returns_keys)
                 state = self.method.observe(state, attention, keys) if observes else state
                 state = replace(state, x=out)
             else:
@@ -92,10 +95,11 @@ def observed_block(block: nn.Module, x: torch.Tensor, num_prefix_tokens: int, si
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
     attention = None
     if want_attention:
-        logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)  # [B, H, 1, T]
+        # the class token's row only: multiply-and-sum reads k in place (a matmul would copy the strided view)
+        logits = (k * (q[:, :, :1] * attn.scale)).sum(-1)  # [B, H, T]
         if bias is not None:
-            logits = logits + bias
-        attention = logits.softmax(dim=-1).mean(dim=1)[:, 0, num_prefix_tokens:]
+            logits = logits + bias[:, 0]
+        attention = logits.softmax(dim=-1).mean(dim=1)[:, num_prefix_tokens:]
     keys = k.mean(dim=1)[:, num_prefix_tokens:] if want_keys else None
     out = attn.norm(out.transpose(1, 2).reshape(batch, tokens, attn.attn_dim))
     if gate is not None:
