@@ -1,5 +1,6 @@
 """Hardware profiles, the roofline predictor, `search profile` and `search compare`."""
 
+import functools
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from torch import nn
 
 from hwnas.errors import HwnasError
 from hwnas.hwprofiles.energy import measure_energy
+from hwnas.hwprofiles.latency import measure_side_by_side
 from hwnas.hwprofiles.measure_profile import measure_profile
 from hwnas.hwprofiles.predictor import Predictor, op_table, trace_ops
 from hwnas.hwprofiles.profile import CostPoint, load_profile, profile_from_dict, shipped_profiles, write_profile
@@ -141,3 +143,13 @@ def test_energy_above_idle_is_reported_beside_the_total():
     assert energy.mj_per_call == pytest.approx(100.0 * per_call_s * 1e3, rel=0.05)
     assert energy.above_idle_mj_per_call == pytest.approx(60.0 * per_call_s * 1e3, rel=0.05)
     assert measure_energy(lambda: None, "cpu", min_seconds=0.05, counter=(read, "fake")).above_idle_mj_per_call is None
+
+
+def test_side_by_side_timing_runs_each_callable_once_per_round_in_shuffled_order():
+    calls: list[str] = []
+    timings = measure_side_by_side({name: functools.partial(calls.append, name) for name in "abc"}, warmup=1, rounds=6)
+    assert sorted(timings) == list("abc") and all(t.repeats == 6 for t in timings.values())
+    assert calls[:3] == list("abc")  # one warm-up call each
+    rounds = [calls[i:i + 3] for i in range(3, len(calls), 3)]
+    assert len(rounds) == 6 and all(sorted(r) == list("abc") for r in rounds)
+    assert len({tuple(r) for r in rounds}) > 1  # the order changes from round to round

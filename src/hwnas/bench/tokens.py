@@ -14,12 +14,13 @@ token counts alone; the scoring and merging ops add < 1 %).
   cost); the JSON holds every schedule.
 * **Latency** (``deit_small_patch16_224``, ``deit_base_patch16_224``, random weights, fp32 on the
   CPU, batch 1 and 8): dense, ``hwnas`` and ``tome`` with cuts at blocks 3, 6, 9 and ρ bisected to
-  −50 % FLOPs, side by side in one run.
+  −50 % FLOPs, side by side: 15 interleaved rounds, one call of each per round in shuffled order.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 
 import timm
 import torch
@@ -28,7 +29,7 @@ from torch import nn
 
 from hwnas.bench.record import result_row
 from hwnas.evaluators.metrics import accuracy, count_flops, fidelity_kl, predict_logits
-from hwnas.hwprofiles.latency import measure
+from hwnas.hwprofiles.latency import measure_side_by_side
 from hwnas.models.digits import create_digits_model, load_digits_splits
 from hwnas.pruning.token_methods import TokenMethod, UccMethod, token_method
 from hwnas.pruning.tokens import apply_token_keep
@@ -108,7 +109,7 @@ def accuracy_rows(device: str = "cpu", quick: bool = False) -> list[dict]:
 
 def latency_rows(device: str = "cpu", quick: bool = False) -> list[dict]:
     rows = []
-    repeats = 5 if quick else 15
+    rounds = 5 if quick else 15
     for name in TIMING_MODELS[:1] if quick else TIMING_MODELS:
         torch.manual_seed(0)
         dense = timm.create_model(name, pretrained=False).eval()
@@ -121,9 +122,8 @@ def latency_rows(device: str = "cpu", quick: bool = False) -> list[dict]:
             case = {"model": name, "batch": batch, "dtype": "float32", "flops_reduction": 0.5,
                     "measured_flops_reduction": round(reduction, 4),
                     "schedule": f"keep {keep[TIMING_CUTS[0]]} at {list(TIMING_CUTS)}"}
-            for impl, model in models.items():
-                with torch.inference_mode():
-                    timing = measure(lambda: model(x), device, warmup=3, repeats=repeats)
+            calls = {impl: functools.partial(model, x) for impl, model in models.items()}
+            for impl, timing in measure_side_by_side(calls, device, warmup=3, rounds=rounds).items():
                 rows.append(result_row(case, impl, timing))
     return rows
 

@@ -7,6 +7,7 @@ once into a CUDA graph and the graph is replayed.
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -66,6 +67,46 @@ def measure(
                 fn()
                 samples.append((time.perf_counter() - start) * 1e3)
     return Timing(statistics.median(samples), min(samples), max(samples), len(samples))
+
+
+def measure_side_by_side(
+    fns: dict[str, Callable[[], object]],
+    device: torch.device | str = "cpu",
+    warmup: int = 3,
+    rounds: int = 15,
+    seed: int = 0,
+) -> dict[str, Timing]:
+    """Time several callables in interleaved rounds, each round in a new shuffled order.
+
+    A machine whose speed drifts (a shared VM, thermal throttling) then slows every callable alike
+    instead of whichever happened to run in the slow minute. One sample per callable per round.
+    """
+    device = torch.device(device)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns)
+    with torch.inference_mode():
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
+        for round_ in range(rounds):
+            random.Random(seed + round_).shuffle(order)
+            for name in order:
+                samples[name].append(_time_once(fns[name], device))
+    return {name: Timing(statistics.median(s), min(s), max(s), len(s)) for name, s in samples.items()}
+
+
+def _time_once(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type != "cuda":
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
 
 
 def _cuda_samples(fn: Callable[[], object], device: torch.device, repeats: int, cuda_graph: bool) -> list[float]:
