@@ -60,6 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", required=True, help="directory of the per-profile studies and the comparison")
     compare.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    ablate = commands.add_parser("ablate", help="search each technique of a space alone and all jointly; "
+                                                "compare the fronts")
+    ablate.add_argument("space", nargs="?", help="space YAML file or preset name with two or more techniques "
+                        "(default: the embedded digits DeiT: block sparsity and token keep)")
+    ablate.add_argument("--trials", type=int, default=24, help="trials per study (default 24)")
+    ablate.add_argument("--rounds", type=int, default=3, help="side-by-side re-measurements of the fronts (default 3)")
+    ablate.add_argument("--optimizer", default="nsga2")
+    ablate.add_argument("--workers", type=int, default=1)
+    ablate.add_argument("--device", default="cpu")
+    ablate.add_argument("--seed", type=int, default=0)
+    ablate.add_argument("--out", required=True, help="directory of the per-technique studies and the comparison")
+    ablate.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     profile = commands.add_parser("profile", help="measure this machine into a hardware profile YAML")
     profile.add_argument("-o", "--output", required=True, help="profile file to write (.yaml)")
     profile.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
@@ -228,6 +241,29 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from hwnas.search.ablate import ablate, ablation_table, beyond_union_table, write_ablation
+    from hwnas.search.study import RunSettings
+    from hwnas.spaces import load_space
+
+    if args.rounds < 1:
+        raise HwnasError("--rounds must be at least 1")
+    if args.optimizer == "lpvit":
+        raise HwnasError("lpvit allocates block sparsity only, so it cannot search the other techniques alone; "
+                         "ablate with nsga2 or optuna-*")
+    space = load_space(args.space)
+    settings = RunSettings(optimizer=args.optimizer, trials=args.trials, seed=args.seed, workers=args.workers,
+                           device=args.device)
+    _validate(space, settings)
+    ablation = ablate(space, args.out, args.trials, args.optimizer, args.seed, args.workers, args.device,
+                      args.rounds, _console(stderr=True), progress=not args.no_progress)
+    _console().print(ablation_table(ablation))
+    _console().print(beyond_union_table(ablation))
+    out = write_ablation(args.out, ablation, args.device)
+    _say(f"wrote {out}/ablation.md, ablation.json, ablation.png and one study per technique")
+    return 0
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     from hwnas.evaluators.evaluator import resolve_device
     from hwnas.hwprofiles.measure_profile import measure_profile
@@ -308,7 +344,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "compare": cmd_compare, "profile": cmd_profile, "show": cmd_show, "export": cmd_export, "finetune": cmd_finetune, "eval": cmd_eval,
+COMMANDS = {"run": cmd_run, "compare": cmd_compare, "ablate": cmd_ablate, "profile": cmd_profile, "show": cmd_show, "export": cmd_export, "finetune": cmd_finetune, "eval": cmd_eval,
             "bench": cmd_bench}
 
 

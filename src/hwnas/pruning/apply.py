@@ -24,6 +24,8 @@ from hwnas.spaces import Config, Space
 
 WEIGHT_TRANSFORMS = ("block_sparsity", "block_size")
 STRUCTURAL_TRANSFORMS = ("token_keep", "token_method", "window_ratio")
+#: the three sparsity techniques, each with the transforms that make it up
+TECHNIQUES = {"block": WEIGHT_TRANSFORMS, "tokens": ("token_keep", "token_method"), "windows": ("window_ratio",)}
 
 
 def apply_config(model: nn.Module, space: Space, config: Config, pruner: BlockPruner | None = None) -> nn.Module:

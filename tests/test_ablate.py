@@ -1,0 +1,76 @@
+"""`search ablate`: the techniques of a space searched alone and together, on made-up measurements and end to end."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hwnas.bench.joint import summary
+from hwnas.errors import HwnasError
+from hwnas.search.ablate import Ablation, AblationPoint, _mark_fronts, technique_sources
+from hwnas.spaces import load_space
+
+SEARCH = [sys.executable, "-m", "hwnas"]
+
+
+def test_a_space_splits_into_its_techniques_and_the_whole():
+    sources = technique_sources(load_space(None))
+    assert list(sources) == ["block", "tokens", "joint"]
+    assert {d["transform"] for d in sources["block"]["dimensions"]} == {"block_sparsity", "block_size"}
+    assert {d["transform"] for d in sources["tokens"]["dimensions"]} == {"token_keep"}
+    assert sources["joint"] == load_space(None).source
+
+
+def test_a_space_of_one_technique_is_refused():
+    source = technique_sources(load_space(None))["tokens"]
+    with pytest.raises(HwnasError, match="holds tokens only"):
+        technique_sources(load_space(source))
+
+
+def test_a_joint_point_no_union_point_matches_is_beyond_the_union():
+    # (space, accuracy, latency): dense; block and token points; joint points beyond and inside the union
+    made_up = [("dense", 0.98, 50.0), ("block", 0.97, 40.0), ("block", 0.90, 45.0), ("tokens", 0.95, 30.0),
+               ("joint", 0.96, 30.0), ("joint", 0.94, 35.0)]
+    points = [AblationPoint(space, i, {"x": i}, accuracy, 1.0, [latency - 1.0, latency, latency + 5.0])
+              for i, (space, accuracy, latency) in enumerate(made_up)]
+    ablation = _mark_fronts(points, ["block", "tokens", "joint"])
+
+    assert [p.on_front for p in points if p.space == "block"] == [True, False]  # 0.90 @ 45 is dominated
+    assert [p.trial for p in ablation.front("union")] == [3, 1]  # fastest first
+    assert [p.beyond_union for p in points if p.space == "joint"] == [True, False]
+    assert ablation.hypervolume["joint"] > 0 and ablation.hypervolume["union"] > ablation.hypervolume["block"]
+    # the benchmark rows carry everything: the table is the same read back from them
+    rows = ablation.rows()
+    assert Ablation.from_rows(json.loads(json.dumps(rows))).hypervolume == {**ablation.hypervolume, "dense": 0.0}
+    table = summary(rows)
+    cells = {c.header: c._cells for c in table.columns}
+    volumes = dict(zip(cells["space"], cells["hypervolume"]))
+    assert volumes == {name: f"{ablation.hypervolume[name]:.4f}" for name in ("block", "tokens", "union", "joint")}
+    assert dict(zip(cells["space"], cells["joint points beyond the union"]))["joint"] == "1"
+
+
+def test_search_ablate_writes_each_study_and_the_comparison(tmp_path):
+    out = tmp_path / "ablation"
+    command = SEARCH + ["ablate", "--trials", "3", "--rounds", "1", "--workers", "0", "--out", str(out), "--no-progress"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    assert "joint points beyond the union" in result.stdout
+    for name in ("block", "tokens", "joint"):
+        assert (out / name / "study.db").is_file() and (out / name / "pareto.json").is_file()
+    document = json.loads((out / "ablation.json").read_text())
+    spaces = {row["impl"] for row in document["results"]}
+    assert spaces == {"dense", "block", "tokens", "joint"}
+    assert (out / "ablation.png").stat().st_size > 0 and "![fronts](ablation.png)" in (out / "ablation.md").read_text()
+    # a second call reuses the three studies: no trial is run again
+    counts = {name: _trials(out / name) for name in ("block", "tokens", "joint")}
+    again = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr
+    assert {name: _trials(out / name) for name in counts} == counts
+
+
+def _trials(study_path) -> int:
+    import optuna
+
+    storage = f"sqlite:///{study_path / 'study.db'}"
+    return len(optuna.load_study(study_name=None, storage=storage).trials)
