@@ -164,3 +164,15 @@ def test_nsga2_starts_from_the_unpruned_model_without_measuring_it_twice(tmp_pat
     SearchRun(study_dir, pool, progress=False).run()
     assert pool.evaluated.count(config_hash(space.identity())) == 1  # measured once, as the baseline
     assert len(complete_trials(study_dir)) == 8
+
+
+def test_a_study_is_reused_only_for_the_same_space_and_profile(tmp_path):
+    path = tmp_path / "study"
+    StudyDir.reuse_or_create(path, space_from_dict(SPACE), RunSettings(trials=4)).load()
+    again = StudyDir.reuse_or_create(path, space_from_dict(SPACE), RunSettings(trials=9))
+    assert again.settings.trials == 9 and StudyDir.open(path).settings.trials == 9  # grown, and saved
+    other_space = {**SPACE, "dimensions": [{**SPACE["dimensions"][0], "targets": [1, 2]}]}
+    with pytest.raises(HwnasError, match="another space or hardware profile"):
+        StudyDir.reuse_or_create(path, space_from_dict(other_space), RunSettings(trials=9))
+    with pytest.raises(HwnasError, match="another space or hardware profile"):
+        StudyDir.reuse_or_create(path, space_from_dict(SPACE), RunSettings(trials=9, hwprofile={"name": "h100"}))

@@ -24,7 +24,9 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from hwnas.bench.record import bench_record, result_row, write_record
 from hwnas.errors import HwnasError
+from hwnas.hwprofiles.latency import Timing, device_name
 from hwnas.pruning.apply import TECHNIQUES
 from hwnas.search.objectives import parse_objectives
 from hwnas.search.pareto import Record, hypervolume, pareto_front
@@ -81,9 +83,6 @@ class Ablation:
 
     def rows(self) -> list[dict]:
         """One benchmark row per point (``impl`` the space); the hypervolumes ride on every row of their space."""
-        from hwnas.bench.record import result_row
-        from hwnas.hwprofiles.latency import Timing
-
         rows = []
         for p in self.points:
             timing = Timing(p.latency_ms, min(p.latencies_ms), max(p.latencies_ms), len(p.latencies_ms))
@@ -128,20 +127,12 @@ def ablate(space: Space, out: str | Path, trials: int, optimizer: str = "nsga2",
     console = console or Console(stderr=True)
     fronts: dict[str, list[dict]] = {}
     for name, source in technique_sources(space).items():
-        path = Path(out) / name
-        if (path / "study.db").exists():
-            study_dir = StudyDir.open(path)
-            if study_dir.space.source != source:
-                raise HwnasError(f"{path} holds a study of another space; choose another --out")
-            study_dir.settings.trials = trials
-            study_dir.save_settings()
-        else:
-            settings = RunSettings(objectives="accuracy,latency", optimizer=optimizer, trials=trials, seed=seed,
-                                   workers=workers, device=device)
-            study_dir = StudyDir.create(path, load_space(source), settings)
+        settings = RunSettings(objectives="accuracy,latency", optimizer=optimizer, trials=trials, seed=seed,
+                               workers=workers, device=device)
+        study_dir = StudyDir.reuse_or_create(Path(out) / name, load_space(source), settings)
         console.print(f"[bold]{name}[/]: {', '.join(study_dir.space.transforms())}")
         run_study(study_dir, console, progress)
-        fronts[name] = read_pareto(path)["points"]
+        fronts[name] = read_pareto(study_dir.path)["points"]
     return remeasure_fronts(space, fronts, device, rounds, console if progress else None)
 
 
@@ -230,9 +221,6 @@ def _changed(config: dict, identity: dict) -> str:
 
 def write_ablation(out: str | Path, ablation: Ablation, device: str = "cpu") -> Path:
     """``ablation.json`` (the benchmark file format), ``ablation.md`` (the tables) and ``ablation.png`` in ``out``."""
-    from hwnas.bench.record import bench_record, write_record
-    from hwnas.hwprofiles.latency import device_name
-
     out = Path(out)
     write_record(bench_record("ablate", device, ablation.rows()), out / "ablation.json")
     console = Console(record=True, width=160, file=io.StringIO())

@@ -83,19 +83,11 @@ def compare(space: Space, profiles: list[str], out: str | Path, trials: int, bud
     results = []
     for profile in loaded:
         path = Path(out) / profile.name
-        if (path / "study.db").exists():
-            study_dir = StudyDir.open(path)
-            if study_dir.settings.hwprofile != profile.as_dict():
-                raise HwnasError(f"{path} holds a study of another version of profile {profile.name}; "
-                                 "choose another --out")
-            study_dir.settings.trials = trials
-            study_dir.save_settings()
-            measured = is_this_machine(profile, study_dir.settings.device)
-        else:
-            settings = RunSettings(objectives="accuracy,latency", budget=budget, optimizer=optimizer, trials=trials,
-                                   seed=seed, workers=workers, device=device)
-            measured = settings.target(profile)
-            study_dir = StudyDir.create(path, space, settings)
+        settings = RunSettings(objectives="accuracy,latency", budget=budget, optimizer=optimizer, trials=trials,
+                               seed=seed, workers=workers, device=device)
+        settings.target(profile)
+        study_dir = StudyDir.reuse_or_create(path, space, settings)
+        measured = is_this_machine(profile, study_dir.settings.device)
         console.print(f"[bold]{profile.describe()}[/]: {'measured here' if measured else 'predicted from the profile'}")
         run_study(study_dir, console, progress)
         results.append(ProfileResult(profile, measured, path, read_pareto(path)))

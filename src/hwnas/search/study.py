@@ -108,6 +108,22 @@ class StudyDir:
             raise HwnasError(f"{config_file} is damaged: {exc}") from None
         return cls(path, space, settings)
 
+    @classmethod
+    def reuse_or_create(cls, path: str | Path, space: Space, settings: RunSettings) -> "StudyDir":
+        """The study at ``path``, to continue to ``settings.trials``, or a new one there.
+
+        A study already at ``path`` must search the same space on the same hardware profile.
+        """
+        path = Path(path)
+        if not (path / "study.db").exists():
+            return cls.create(path, space, settings)
+        study_dir = cls.open(path)
+        if study_dir.space.source != space.source or study_dir.settings.hwprofile != settings.hwprofile:
+            raise HwnasError(f"{path} holds a study of another space or hardware profile; choose another --out")
+        study_dir.settings.trials = settings.trials
+        study_dir.save_settings()
+        return study_dir
+
     def save_settings(self) -> None:
         (self.path / "config.yaml").write_text(yaml.safe_dump(
             {"space": self.space.source, "run": asdict(self.settings)}, sort_keys=False))
