@@ -58,14 +58,8 @@ def measure(
     with torch.inference_mode():
         for _ in range(warmup):
             fn()
-        if device.type == "cuda":
-            samples = _cuda_samples(fn, device, repeats, cuda_graph)
-        else:
-            samples = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                fn()
-                samples.append((time.perf_counter() - start) * 1e3)
+        run = _captured(fn, device) if cuda_graph and device.type == "cuda" else fn
+        samples = [_time_once(run, device) for _ in range(repeats)]
     return Timing(statistics.median(samples), min(samples), max(samples), len(samples))
 
 
@@ -109,25 +103,14 @@ def _time_once(fn: Callable[[], object], device: torch.device) -> float:
     return start.elapsed_time(end)
 
 
-def _cuda_samples(fn: Callable[[], object], device: torch.device, repeats: int, cuda_graph: bool) -> list[float]:
-    run = fn
-    if cuda_graph:
-        graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            fn()  # allocations made before capture
-        torch.cuda.current_stream(device).wait_stream(stream)
-        with torch.cuda.graph(graph):
-            fn()
-        run = graph.replay
-    samples = []
-    torch.cuda.synchronize(device)
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end))
-    return samples
+def _captured(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """``fn`` captured once into a CUDA graph: the graph's replay."""
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        fn()  # allocations made before capture
+    torch.cuda.current_stream(device).wait_stream(stream)
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
