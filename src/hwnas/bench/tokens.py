@@ -14,7 +14,8 @@ token counts alone; the scoring and merging ops add < 1 %).
   cost); the JSON holds every schedule.
 * **Latency** (``deit_small_patch16_224``, ``deit_base_patch16_224``, random weights, fp32 on the
   CPU, batch 1 and 8): dense, ``hwnas`` and ``tome`` with cuts at blocks 3, 6, 9 and ρ bisected to
-  −50 % FLOPs, side by side: 15 interleaved rounds, one call of each per round in shuffled order.
+  −50 % FLOPs, side by side: interleaved rounds, one call of each per round in shuffled order
+  (``ROUNDS`` per batch size: batch 1 calls are short and their spread wide, so they get more).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ TOLERANCE = 0.02
 CUT_SETS = ((1,), (1, 3, 5), (2, 4), (1, 2, 3), (2, 3, 4, 5), (1, 2, 3, 4, 5))
 RHOS = tuple(round(0.3 + 0.05 * i, 2) for i in range(13))  # 0.3 ... 0.9
 TIMING_CUTS = (3, 6, 9)
+ROUNDS = {1: 60, 8: 15}
 METHODS = {"hwnas": "ucc", "tome": "tome", "evit": "evit", "random": "random"}
 ABLATIONS = {"hwnas-spatial": dict(spectral_weight=0.0), "hwnas-spectral": dict(spectral_weight=1.0),
              "hwnas-last": dict(cumulative=False)}
@@ -109,7 +111,6 @@ def accuracy_rows(device: str = "cpu", quick: bool = False) -> list[dict]:
 
 def latency_rows(device: str = "cpu", quick: bool = False) -> list[dict]:
     rows = []
-    rounds = 5 if quick else 15
     for name in TIMING_MODELS[:1] if quick else TIMING_MODELS:
         torch.manual_seed(0)
         dense = timm.create_model(name, pretrained=False).eval()
@@ -123,7 +124,7 @@ def latency_rows(device: str = "cpu", quick: bool = False) -> list[dict]:
                     "measured_flops_reduction": round(reduction, 4),
                     "schedule": f"keep {keep[TIMING_CUTS[0]]} at {list(TIMING_CUTS)}"}
             calls = {impl: functools.partial(model, x) for impl, model in models.items()}
-            for impl, timing in measure_side_by_side(calls, device, warmup=3, rounds=rounds).items():
+            for impl, timing in measure_side_by_side(calls, device, warmup=3, rounds=5 if quick else ROUNDS[batch]).items():
                 rows.append(result_row(case, impl, timing))
     return rows
 
