@@ -255,8 +255,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     settings = RunSettings(optimizer=args.optimizer, trials=args.trials, seed=args.seed, workers=args.workers,
                            device=args.device)
     _validate(space, settings)
-    ablation = ablate(space, args.out, args.trials, args.optimizer, args.seed, args.workers, args.device,
-                      args.rounds, _console(stderr=True), progress=not args.no_progress)
+    ablation = ablate(space, args.out, settings, args.rounds, _console(stderr=True), progress=not args.no_progress)
     _console().print(ablation_table(ablation))
     _console().print(beyond_union_table(ablation))
     out = write_ablation(args.out, ablation, args.device)

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hwnas.search.ablate import Ablation, ablate, ablation_table, plot_ablation
+from hwnas.search.study import RunSettings
 from hwnas.spaces import load_space
 
 TRIALS = 24
@@ -28,8 +29,8 @@ ROUNDS = 3
 def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     trials, rounds = (4, 1) if quick else (TRIALS, ROUNDS)
     with tempfile.TemporaryDirectory(prefix="hwnas-bench-joint-") as scratch:
-        ablation = ablate(load_space(None), scratch, trials, "nsga2", seed=0, workers=0, device=device,
-                          rounds=rounds, console=Console(quiet=True), progress=False)
+        settings = RunSettings(optimizer="nsga2", trials=trials, seed=0, workers=0, device=device)
+        ablation = ablate(load_space(None), scratch, settings, rounds, Console(quiet=True), progress=False)
     return ablation.rows()
 
 

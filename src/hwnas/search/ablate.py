@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import random
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -34,7 +34,8 @@ from hwnas.search.runner import run_study
 from hwnas.search.study import RunSettings, StudyDir, read_pareto
 from hwnas.spaces import Space, config_hash, load_space
 
-OBJECTIVES = parse_objectives("accuracy,latency")
+OBJECTIVE_NAMES = "accuracy,latency"
+OBJECTIVES = parse_objectives(OBJECTIVE_NAMES)
 JOINT, UNION, DENSE = "joint", "union", "dense"
 
 
@@ -121,19 +122,19 @@ def technique_sources(space: Space) -> dict[str, dict]:
     return {**sources, JOINT: space.source}
 
 
-def ablate(space: Space, out: str | Path, trials: int, optimizer: str = "nsga2", seed: int = 0, workers: int = 1,
-           device: str = "cpu", rounds: int = 3, console: Console | None = None, progress: bool = True) -> Ablation:
-    """Run (or resume) the studies under ``out``, then re-measure their fronts side by side."""
+def ablate(space: Space, out: str | Path, settings: RunSettings, rounds: int = 3, console: Console | None = None,
+           progress: bool = True) -> Ablation:
+    """Run (or resume) one study per technique and one of the whole space under ``out``, each with
+    ``settings`` (objectives accuracy and latency), then re-measure their fronts side by side."""
     console = console or Console(stderr=True)
     fronts: dict[str, list[dict]] = {}
     for name, source in technique_sources(space).items():
-        settings = RunSettings(objectives="accuracy,latency", optimizer=optimizer, trials=trials, seed=seed,
-                               workers=workers, device=device)
-        study_dir = StudyDir.reuse_or_create(Path(out) / name, load_space(source), settings)
+        study_settings = replace(settings, objectives=OBJECTIVE_NAMES)
+        study_dir = StudyDir.reuse_or_create(Path(out) / name, load_space(source), study_settings)
         console.print(f"[bold]{name}[/]: {', '.join(study_dir.space.transforms())}")
         run_study(study_dir, console, progress)
         fronts[name] = read_pareto(study_dir.path)["points"]
-    return remeasure_fronts(space, fronts, device, rounds, console if progress else None)
+    return remeasure_fronts(space, fronts, settings.device, rounds, console if progress else None)
 
 
 def remeasure_fronts(space: Space, fronts: dict[str, list[dict]], device: str = "cpu", rounds: int = 3,
