@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from hwnas.errors import BudgetError, HwnasError
 from hwnas.search.costs import study_cost_model, study_metrics
-from hwnas.search.objectives import RELATIVE, format_metric
+from hwnas.search.objectives import format_metric
 from hwnas.search.optimizers import Proposal, enqueued_trial, make_optimizer
 from hwnas.search.pareto import Record, hypervolume, pareto_front
 from hwnas.search.report import write_pareto, write_report
@@ -133,9 +133,7 @@ class SearchRun:
         return PredictedBudget(space, self.budget, baseline["metrics"], cost_model)
 
     def _check_metrics(self, metrics: dict) -> None:
-        needed = [o.metric for o in self.objectives] + [
-            "accuracy" if m == "accuracy_drop" else m.removesuffix(RELATIVE) for m in self.budget.limits]
-        missing = [m for m in needed if m not in metrics and not m.endswith("_predicted")]  # the cost model's
+        missing = [m for m in study_metrics(self.dir) if m not in metrics and not m.endswith("_predicted")]  # the cost model's
         if missing:
             hint = " (the data has no labels: use --objectives fidelity,latency)" if "accuracy" in missing else ""
             raise HwnasError(f"this evaluation does not measure {', '.join(missing)}{hint}")
