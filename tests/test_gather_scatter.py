@@ -44,6 +44,24 @@ def test_torch_path_matches_advanced_indexing():
     torch.testing.assert_close(scatter_add_rows_(x.clone(), rows, values, weights, use_triton=False), expected)
 
 
+def test_torch_path_on_views_gradients_and_bad_rows():
+    full = torch.randn(3, 10, 4, dtype=torch.float64, requires_grad=True)
+    patches = full[:, 1:]  # the patch tokens: rows contiguous, images not
+    rows = torch.tensor([[8, 0, 8], [2, 5, 1], [0, 0, 3]])
+    batch = torch.arange(3)[:, None]
+    out = gather_rows(patches, rows, use_triton=False)
+    assert torch.equal(out, patches[batch, rows])
+    torch.testing.assert_close(torch.autograd.grad(out.square().sum(), full)[0],
+                               torch.autograd.grad(patches[batch, rows].square().sum(), full)[0])
+    transposed = torch.randn(3, 4, 9, dtype=torch.float64).transpose(1, 2)  # no row table: written back
+    values = torch.randn(3, 3, 4, dtype=torch.float64)
+    expected = transposed.clone().index_put_((batch.expand_as(rows), rows), values, accumulate=True)
+    assert torch.equal(scatter_add_rows_(transposed, rows, values, use_triton=False), expected)
+    for bad in (-1, 9):  # would silently land in the neighbouring image of the flattened table
+        with pytest.raises(IndexError, match=r"rows must lie in \[0, 9\)"):
+            gather_rows(patches.detach(), torch.tensor([[bad]] * 3), use_triton=False)
+
+
 @needs_triton
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("channels", [33, 96])

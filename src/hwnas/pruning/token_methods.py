@@ -198,23 +198,25 @@ def spectral_energy(state: TokenState) -> Tensor:
     """Per patch token [B, N], the mean high-pass energy over the grid patches it covers.
 
     With U the low-pass basis [P, r] (``low_pass_basis``), a grid signal g has the residual
-    g - U Uᵀ g. Before the first cut token i is patch i and that is computed as written. After
-    it, the grid is S x with S [P, N] painting the tokens x onto the patches they cover, and patch
-    p's energy is ||x_n - U_p Z||² with Z = Uᵀ S x and n the token owning p. Expanded, a token's
-    energy summed over its patches is |n|·||x_n||² - 2 (SᵀU)_n·(x_n Zᵀ) + Σ_p U_p Z Zᵀ U_pᵀ, so the
-    large matmuls run on the N current tokens instead of the P painted patches (3x faster at
-    N ≈ P/2 on DeiT-S, batch 8).
+    g - U Uᵀ g. The grid is S x, with S [P, N] painting the tokens x onto the patches they cover
+    (the identity before the first cut), and patch p's energy is ||x_n - U_p Z||² with Z = Uᵀ S x
+    and n the token owning p. Expanded, a token's energy summed over its patches is
+    |n|·||x_n||² - 2 (SᵀU)_n·(x_n Zᵀ) + Σ_p U_p Z Zᵀ U_pᵀ, so the large matmuls run on the N
+    current tokens instead of the P painted patches (3x faster at N ≈ P/2 on DeiT-S, batch 8) and
+    no [B, P, C] residual is ever formed.
     """
     x = state.patches.float()
     batch, count, _ = x.shape
     basis = low_pass_basis(*state.grid, str(x.device))  # U [P, r]
-    if state.owner is None:
-        return torch.linalg.vector_norm(x - basis @ (basis.T @ x), dim=-1).square()
-    per_token = functools.partial(_sum_by_owner, state.owner, count)
+    if state.owner is None:  # token n is patch n: S is the identity
+        def per_token(values: Tensor) -> Tensor:
+            return values
+    else:
+        per_token = functools.partial(_sum_by_owner, state.owner, count)
     painted_basis = per_token(basis.expand(batch, -1, -1))  # SᵀU [B, N, r]
     low = painted_basis.transpose(1, 2) @ x  # Z [B, r, C]
     gram = low @ low.transpose(1, 2)  # [B, r, r]
-    covered = per_token(torch.ones_like(state.owner, dtype=x.dtype))
+    covered = per_token(x.new_ones(batch, basis.shape[0]))
     total = (covered * x.square().sum(-1) - 2 * (painted_basis * (x @ low.transpose(1, 2))).sum(-1)
              + per_token(((basis @ gram) * basis).sum(-1)))
     return total.clamp_min(0.0) / covered.clamp_min(1.0)
