@@ -13,7 +13,7 @@ from torch import nn
 
 from hwnas.errors import HwnasError
 from hwnas.hwprofiles.energy import measure_energy
-from hwnas.hwprofiles.latency import measure_side_by_side
+from hwnas.hwprofiles.latency import measure_side_by_side, paired_ratio
 from hwnas.hwprofiles.measure_profile import measure_profile
 from hwnas.hwprofiles.predictor import Predictor, op_table, trace_ops
 from hwnas.hwprofiles.profile import CostPoint, load_profile, profile_from_dict, shipped_profiles, write_profile
@@ -153,3 +153,15 @@ def test_side_by_side_timing_runs_each_callable_once_per_round_in_shuffled_order
     rounds = [calls[i:i + 3] for i in range(3, len(calls), 3)]
     assert len(rounds) == 6 and all(sorted(r) == list("abc") for r in rounds)
     assert len({tuple(r) for r in rounds}) > 1  # the order changes from round to round
+    assert all(len(t.samples_ms) == 6 and "samples_ms" in t.as_dict() for t in timings.values())
+
+
+def test_paired_ratio_compares_side_by_side_samples_round_by_round():
+    slow_then_fast = [10.0, 20.0, 40.0, 20.0, 10.0]  # the machine's speed drifts 4x
+    half = [5.0, 10.0, 20.0, 10.0, 5.0]
+    ratio = paired_ratio(slow_then_fast, half)
+    assert (ratio.median, ratio.q1, ratio.q3) == (2.0, 2.0, 2.0)  # the drift cancels round by round
+    ratio = paired_ratio([2.0, 3.0, 4.0, 6.0, 8.0], [1.0] * 5)
+    assert (ratio.q1, ratio.median, ratio.q3) == (3.0, 4.0, 6.0) and str(ratio) == "4.00x (3.00-6.00)"
+    with pytest.raises(ValueError, match="equally long"):
+        paired_ratio([1.0, 2.0], [1.0])

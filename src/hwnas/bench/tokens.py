@@ -16,6 +16,9 @@ token counts alone; the scoring and merging ops add < 1 %).
   CPU, batch 1 and 8): dense, ``hwnas`` and ``tome`` with cuts at blocks 3, 6, 9 and ρ bisected to
   −50 % FLOPs, side by side: interleaved rounds, one call of each per round in shuffled order
   (``ROUNDS`` per batch size: batch 1 calls are short and their spread wide, so they get more).
+  Speed-ups are paired: per round, the ratio of the two calls' times (so the machine's drift
+  cancels), reported as the median and quartiles over the rounds — ``speedup_vs_dense`` for
+  both methods, and ``speedup_vs_tome`` for ``hwnas`` (above 1: UCC is faster than ToMe).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from torch import nn
 
 from hwnas.bench.record import result_row
 from hwnas.evaluators.metrics import accuracy, count_flops, fidelity_kl, predict_logits
-from hwnas.hwprofiles.latency import measure_side_by_side
+from hwnas.hwprofiles.latency import Ratio, measure_side_by_side, paired_ratio
 from hwnas.models.digits import create_digits_model, load_digits_splits
 from hwnas.pruning.token_methods import TokenMethod, UccMethod, token_method
 from hwnas.pruning.tokens import apply_token_keep
@@ -42,7 +45,7 @@ TOLERANCE = 0.02
 CUT_SETS = ((1,), (1, 3, 5), (2, 4), (1, 2, 3), (2, 3, 4, 5), (1, 2, 3, 4, 5))
 RHOS = tuple(round(0.3 + 0.05 * i, 2) for i in range(13))  # 0.3 ... 0.9
 TIMING_CUTS = (3, 6, 9)
-ROUNDS = {1: 60, 8: 15}
+ROUNDS = {1: 60, 8: 25}
 METHODS = {"hwnas": "ucc", "tome": "tome", "evit": "evit", "random": "random"}
 ABLATIONS = {"hwnas-spatial": dict(spectral_weight=0.0), "hwnas-spectral": dict(spectral_weight=1.0),
              "hwnas-last": dict(cumulative=False)}
@@ -124,14 +127,24 @@ def latency_rows(device: str = "cpu", quick: bool = False) -> list[dict]:
                     "measured_flops_reduction": round(reduction, 4),
                     "schedule": f"keep {keep[TIMING_CUTS[0]]} at {list(TIMING_CUTS)}"}
             calls = {impl: functools.partial(model, x) for impl, model in models.items()}
-            for impl, timing in measure_side_by_side(calls, device, warmup=3, rounds=5 if quick else ROUNDS[batch]).items():
-                rows.append(result_row(case, impl, timing))
+            timings = measure_side_by_side(calls, device, warmup=3, rounds=5 if quick else ROUNDS[batch])
+            samples = {impl: timing.samples_ms for impl, timing in timings.items()}
+            for impl, timing in timings.items():
+                rows.append(result_row(case, impl, timing, speedups(samples, impl)))
     return rows
+
+
+def speedups(samples: dict[str, tuple[float, ...]], impl: str) -> dict[str, dict[str, float]]:
+    """``impl``'s paired speed-ups over dense (and, for ``hwnas``, over ToMe) from side-by-side samples."""
+    baselines = ("dense", "tome") if impl == "hwnas" else ("dense",)
+    return {f"speedup_vs_{baseline}": vars(paired_ratio(samples[baseline], samples[impl]))
+            for baseline in baselines if impl != baseline}
 
 
 def summary(rows: list[dict]) -> Table:
     table = Table(title="token methods at matched FLOPs", title_justify="left")
-    for column in ("model", "FLOPs", "batch", "impl", "accuracy (best schedule)", "median ms (min-max)", "vs dense"):
+    for column in ("model", "FLOPs", "batch", "impl", "accuracy (best schedule)", "median ms (min-max)",
+                   "speed-up, paired: median (quartiles)"):
         table.add_column(column, justify="right")
     best: dict[tuple, dict] = {}
     for row in rows:
@@ -142,12 +155,12 @@ def summary(rows: list[dict]) -> Table:
     for (model, target, impl), row in best.items():
         schedule_text = "" if impl == "dense" else f" ({row['case']['schedule']})"
         table.add_row(model, f"−{target:.0%}", "", impl, f"{row['metrics']['accuracy']:.2%}{schedule_text}", "", "")
-    dense_ms = {(r["case"]["model"], r["case"]["batch"]): r["median_ms"] for r in rows
-                if r["impl"] == "dense" and "median_ms" in r}
     for row in rows:
         if "median_ms" in row:
-            case = row["case"]
-            ratio = dense_ms[(case["model"], case["batch"])] / row["median_ms"]
+            case, metrics = row["case"], row.get("metrics", {})
+            vs_dense = str(Ratio(**metrics["speedup_vs_dense"])) if "speedup_vs_dense" in metrics else ""
+            if "speedup_vs_tome" in metrics:
+                vs_dense += f"; vs tome {Ratio(**metrics['speedup_vs_tome'])}"
             table.add_row(case["model"], f"−{case['measured_flops_reduction']:.0%}", str(case["batch"]), row["impl"], "",
-                          f"{row['median_ms']:.1f} ({row['min_ms']:.1f}-{row['max_ms']:.1f})", f"{ratio:.2f}x")
+                          f"{row['median_ms']:.1f} ({row['min_ms']:.1f}-{row['max_ms']:.1f})", vs_dense)
     return table

@@ -11,22 +11,55 @@ import random
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 
 @dataclass(frozen=True)
 class Timing:
-    """Summary of repeated timings of one callable, in milliseconds."""
+    """Summary of repeated timings of one callable, in milliseconds.
+
+    ``samples_ms`` keeps every sample in round order for side-by-side timings (``paired_ratio``
+    compares two of them round by round); it is empty for the others.
+    """
 
     median_ms: float
     min_ms: float
     max_ms: float
     repeats: int
+    samples_ms: tuple[float, ...] = ()
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        row = asdict(self)
+        if self.samples_ms:
+            row["samples_ms"] = [round(sample, 4) for sample in self.samples_ms]
+        else:
+            del row["samples_ms"]
+        return row
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """The median and quartiles of per-round ratios of two side-by-side timings."""
+
+    median: float
+    q1: float
+    q3: float
+
+    def __str__(self) -> str:
+        return f"{self.median:.2f}x ({self.q1:.2f}-{self.q3:.2f})"
+
+
+def paired_ratio(numerator_ms: Sequence[float], denominator_ms: Sequence[float]) -> Ratio:
+    """``numerator / denominator`` round by round (a slow round slows both alike, so it cancels)."""
+    if len(numerator_ms) != len(denominator_ms) or not numerator_ms:
+        raise ValueError("paired_ratio needs two equally long, non-empty series of side-by-side samples")
+    ratios = [a / b for a, b in zip(numerator_ms, denominator_ms)]
+    if len(ratios) == 1:
+        return Ratio(ratios[0], ratios[0], ratios[0])
+    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return Ratio(median, q1, q3)
 
 
 def device_name(device: torch.device | str) -> str:
@@ -73,7 +106,8 @@ def measure_side_by_side(
     """Time several callables in interleaved rounds, each round in a new shuffled order.
 
     A machine whose speed drifts (a shared VM, thermal throttling) then slows every callable alike
-    instead of whichever happened to run in the slow minute. One sample per callable per round.
+    instead of whichever happened to run in the slow minute. One sample per callable per round,
+    kept in ``Timing.samples_ms`` for ``paired_ratio``.
     """
     device = torch.device(device)
     samples: dict[str, list[float]] = {name: [] for name in fns}
@@ -86,7 +120,7 @@ def measure_side_by_side(
             random.Random(seed + round_).shuffle(order)
             for name in order:
                 samples[name].append(_time_once(fns[name], device))
-    return {name: Timing(statistics.median(s), min(s), max(s), len(s)) for name, s in samples.items()}
+    return {name: Timing(statistics.median(s), min(s), max(s), len(s), tuple(s)) for name, s in samples.items()}
 
 
 def _time_once(fn: Callable[[], object], device: torch.device) -> float:
