@@ -10,13 +10,13 @@ and the cyclic shift, so partition/reverse and roll become one copy each way.
 * ``scatter_add_rows_``: ``x[b, rows[b, r]] += w[b, r] · values[b, r]`` in place; rows may
   repeat (atomic adds on the Triton path, so the summation order, and rounding, may vary).
 
-The torch functions (``index_select``/``index_copy_``/``index_add_`` on the ``[B·L, C]`` view, which
-on the CPU copy whole rows and run 5-8x faster than ``gather``/``scatter_add_`` with an index
-expanded over the channels) are the reference, the CPU path and the autograd path. The Triton kernels are inference-only: each program copies BLOCK_R rows
-× BLOCK_C channels (masked tails, any C, fp32/fp16/bf16). ``use_triton=None`` runs Triton on
-CUDA tensors unless autograd would record the call (grad enabled and an input requires grad);
-``True`` forces it (e.g. on CPU tensors under ``TRITON_INTERPRET=1``, raising where it cannot
-run), ``False`` forces torch. Out-of-range indices raise on the torch path; the kernels never
+The torch functions (``index_select``/``index_copy_``/``index_add_`` on the ``[B·L, C]`` view,
+which on the CPU copy whole rows and run 5-8x faster than ``gather``/``scatter_add_`` with an
+index expanded over the channels) are the reference, the CPU path and the autograd path. The
+Triton kernels are inference-only: each program copies BLOCK_R rows × BLOCK_C channels (masked
+tails, any C, fp32/fp16/bf16). ``use_triton=None`` runs Triton on CUDA tensors unless autograd
+would record the call (grad enabled and an input requires grad); ``True`` forces it (e.g. on CPU
+tensors under ``TRITON_INTERPRET=1``, raising where it cannot run), ``False`` forces torch. Out-of-range indices raise on the torch path; the kernels never
 touch memory outside ``x`` for them (gather reads zeros, scatters skip the row).
 """
 
