@@ -16,8 +16,9 @@ index expanded over the channels) are the reference, the CPU path and the autogr
 Triton kernels are inference-only: each program copies BLOCK_R rows × BLOCK_C channels (masked
 tails, any C, fp32/fp16/bf16). ``use_triton=None`` runs Triton on CUDA tensors unless autograd
 would record the call (grad enabled and an input requires grad); ``True`` forces it (e.g. on CPU
-tensors under ``TRITON_INTERPRET=1``, raising where it cannot run), ``False`` forces torch. Out-of-range indices raise on the torch path; the kernels never
-touch memory outside ``x`` for them (gather reads zeros, scatters skip the row).
+tensors under ``TRITON_INTERPRET=1``, raising where it cannot run), ``False`` forces torch.
+Out-of-range indices raise on the torch path; the kernels never touch memory outside ``x`` for
+them (gather reads zeros, scatters skip the row).
 """
 
 from __future__ import annotations
