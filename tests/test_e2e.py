@@ -49,8 +49,8 @@ def finished_so_far(study: Path) -> int:
 def budget_run(tmp_path_factory) -> tuple[Path, float]:
     """24 trials of the default space under a latency budget of 95 % of the dense model's latency.
 
-    The budget is relative to the dense model measured in the same study: on this shared 2-core
-    machine the speed of separate processes drifts by more than the speed-ups at stake.
+    The budget is relative to the dense model, timed side by side with each candidate: on this
+    shared 2-core machine the speed drifts between trials by more than the speed-ups at stake.
     """
     out = tmp_path_factory.mktemp("budget") / "study"
     result = search("run", "--budget", "latency=95%", "--trials", "24", "--workers", "1", "--out", str(out))
@@ -65,10 +65,11 @@ def test_budget_run_front_meets_budget_and_beats_dense(budget_run):
     points = document["points"]
     assert points, "no feasible point"
     dense = document["baseline"]["metrics"]
-    assert all(p["metrics"]["latency_ms"] <= budget * dense["latency_ms"] for p in points)
-    good = [p for p in points if p["metrics"]["latency_ms"] < dense["latency_ms"]
+    # a relative budget makes every candidate timed side by side with the dense model
+    assert all(p["metrics"]["latency_ms_vs_dense"] <= budget for p in points)
+    good = [p for p in points if p["metrics"]["latency_ms_vs_dense"] < 1.0
             and p["metrics"]["accuracy"] >= dense["accuracy"] - 0.01]
-    assert good, f"no point faster than dense ({dense['latency_ms']:.1f} ms) within 1 point of {dense['accuracy']:.2%}"
+    assert good, f"no point faster than dense within 1 point of {dense['accuracy']:.2%}"
     assert len(complete_trials(out)) == 24
     assert (out / "pareto.png").is_file() and "Pareto" in (out / "report.md").read_text()
 

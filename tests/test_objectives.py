@@ -56,6 +56,9 @@ def test_a_relative_latency_budget_compares_with_the_dense_model():
     assert budget.limits == {"latency_ms_vs_dense": 0.8}
     dense = {"latency_ms": 50.0}
     assert budget.feasible({"latency_ms": 40.0}, dense) and not budget.feasible({"latency_ms": 41.0}, dense)
+    # a ratio measured side by side with the dense model wins over the ratio to the once-measured baseline
+    assert not budget.feasible({"latency_ms": 30.0, "latency_ms_vs_dense": 0.85}, dense)
+    assert budget.feasible({"latency_ms": 45.0, "latency_ms_vs_dense": 0.75}, dense)
     assert "80.0% of dense" in budget.describe()
     assert parse_budget("energy_predicted=50%").limits == {"energy_mj_predicted_vs_dense": 0.5}
     with pytest.raises(HwnasError, match="or % of dense"):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from hwnas.errors import HwnasError
 from hwnas.evaluators.data import load_eval_data
 from hwnas.evaluators.metrics import accuracy, count_flops, count_params, fidelity_kl, predict_logits
 from hwnas.hwprofiles.energy import measure_energy
-from hwnas.hwprofiles.latency import device_name, measure
+from hwnas.hwprofiles.latency import device_name, measure, measure_side_by_side, paired_ratio
 from hwnas.hwprofiles.predictor import predictor_for
 from hwnas.hwprofiles.profile import is_this_machine
 from hwnas.models.registry import load_model
@@ -17,7 +19,8 @@ from hwnas.pruning.block_layers import calibrate_block_sparse
 from hwnas.pruning.block_pruner import BlockPruner
 from hwnas.spaces import Config, Space
 
-DEFAULT_MEASURE = {"batch_size": 64, "warmup": 3, "repeats": 15, "threads": None, "dtype": "float32"}
+DEFAULT_MEASURE = {"batch_size": 64, "warmup": 3, "repeats": 15, "threads": None, "dtype": "float32",
+                   "versus_dense": False}
 
 
 class Evaluator:
@@ -26,7 +29,10 @@ class Evaluator:
     ``evaluate(config)`` returns the metrics of DESIGN.md: ``accuracy`` (when the data has
     labels), ``fidelity_kl``, ``latency_ms`` (median, with ``latency_ms_min``/``_max``),
     ``flops``, ``params`` and, where a hardware counter exists, ``energy_mj`` (and, when this
-    machine's profile knows its idle power, ``energy_mj_above_idle``).
+    machine's profile knows its idle power, ``energy_mj_above_idle``). With the measure setting
+    ``versus_dense`` each candidate is timed side by side with the dense model (interleaved
+    rounds) and ``latency_ms_vs_dense`` is the median of the per-round ratios, which a machine
+    whose speed drifts between trials does not move.
 
     With a hardware profile (a mapping, see ``hwprofiles.profile``) it also predicts
     ``latency_ms_predicted``/``energy_mj_predicted`` on that hardware; when the profile is not this
@@ -50,6 +56,7 @@ class Evaluator:
         self.predictor = predictor_for(hwprofile, self.settings["dtype"]) if hwprofile else None
         self.profile = self.predictor.profile if self.predictor else None
         self.measures_here = self.profile is None or is_this_machine(self.profile, str(self.device))
+        self._dense: torch.nn.Module | None = None  # the timing reference of versus_dense, made on first use
 
     def info(self) -> dict:
         """Where and how measurements are taken (and, with a profile, what is predicted for which device)."""
@@ -87,7 +94,15 @@ class Evaluator:
         x = self.latency_input.to(self.device, self.dtype)
         if self.device.type == "cpu":
             calibrate_block_sparse(model, x)  # each block-sparse layer picks its faster CPU path
-        timing = measure(lambda: model(x), self.device, int(self.settings["warmup"]), int(self.settings["repeats"]))
+        warmup, repeats = int(self.settings["warmup"]), int(self.settings["repeats"])
+        if self.settings["versus_dense"]:
+            dense = self._dense_here()
+            timings = measure_side_by_side({"candidate": lambda: model(x), "dense": lambda: dense(x)}, self.device,
+                                           warmup, repeats)
+            timing = timings["candidate"]
+            metrics["latency_ms_vs_dense"] = paired_ratio(timing.samples_ms, timings["dense"].samples_ms).median
+        else:
+            timing = measure(lambda: model(x), self.device, warmup, repeats)
         metrics.update(latency_ms=timing.median_ms, latency_ms_min=timing.min_ms, latency_ms_max=timing.max_ms)
         if self.energy:
             idle_w = self.profile.power_w.get("idle") if self.profile is not None else None  # measured here
@@ -99,6 +114,13 @@ class Evaluator:
             if energy.above_idle_mj_per_call is not None:
                 metrics["energy_mj_above_idle"] = energy.above_idle_mj_per_call / len(x)
         return metrics
+
+
+    def _dense_here(self) -> torch.nn.Module:
+        """The unpruned model on the measuring device and dtype (a copy, made once)."""
+        if self._dense is None:
+            self._dense = copy.deepcopy(self.model).to(self.device, self.dtype).eval()
+        return self._dense
 
 
 def resolve_device(device: str) -> torch.device:

@@ -4,7 +4,9 @@
 latency=5ms,energy=20mJ,accuracy_drop=1%`` becomes constraints ``value - limit <= 0`` (Optuna's
 and pymoo's convention), so a candidate over any limit is infeasible. Latency and energy limits
 may also be relative to the dense model measured in the same study: ``latency=80%`` limits
-``latency_ms_vs_dense`` (latency / dense latency) to 0.8.
+``latency_ms_vs_dense`` (latency / dense latency) to 0.8 — the ratio the evaluator measured side
+by side with the dense model where it did (a study with a relative latency budget asks for that),
+else the ratio to the study's baseline.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ class Budget:
     def value(metric: str, metrics: dict[str, float], baseline: dict[str, float]) -> float:
         if metric == "accuracy_drop":
             return baseline["accuracy"] - metrics["accuracy"]
-        if metric.endswith(RELATIVE):
+        if metric.endswith(RELATIVE) and metric not in metrics:
             base = metric.removesuffix(RELATIVE)
             return metrics[base] / baseline[base]
         return metrics[metric]

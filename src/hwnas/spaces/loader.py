@@ -52,7 +52,7 @@ TRANSFORMS: dict[str, Any] = {
 
 _TOP_KEYS = {"name", "description", "model", "data", "measure", "dimensions"}
 _DIM_KEYS = {"name", "transform", "targets", "values", "order", "stages"}
-_MEASURE_KEYS = {"batch_size", "warmup", "repeats", "threads", "dtype"}
+_MEASURE_KEYS = {"batch_size", "warmup", "repeats", "threads", "dtype", "versus_dense"}
 
 
 def preset_names() -> list[str]:
