@@ -115,7 +115,6 @@ class Evaluator:
                 metrics["energy_mj_above_idle"] = energy.above_idle_mj_per_call / len(x)
         return metrics
 
-
     def _dense_here(self) -> torch.nn.Module:
         """The unpruned model on the measuring device and dtype (a copy, made once)."""
         if self._dense is None:
