@@ -1,6 +1,7 @@
 """The search loop with a formula evaluator: every optimizer, budgets, Pareto exactness, resume, interrupt."""
 
 import json
+import math
 
 import numpy as np
 import optuna
@@ -10,6 +11,7 @@ from optuna.trial import TrialState
 from hwnas.errors import BudgetError, HwnasError
 from hwnas.evaluators.pool import Outcome
 from hwnas.search.optimizers import PymooNSGA2
+from hwnas.search.report import speedup
 from hwnas.search.runner import Interrupted, SearchRun
 from hwnas.search.study import RunSettings, StudyDir
 from hwnas.spaces import config_hash, space_from_dict
@@ -176,3 +178,11 @@ def test_a_study_is_reused_only_for_the_same_space_and_profile(tmp_path):
         StudyDir.reuse_or_create(path, space_from_dict(other_space), RunSettings(trials=9))
     with pytest.raises(HwnasError, match="another space or hardware profile"):
         StudyDir.reuse_or_create(path, space_from_dict(SPACE), RunSettings(trials=9, hwprofile={"name": "h100"}))
+
+
+def test_the_front_speedup_prefers_the_ratio_measured_side_by_side():
+    dense = {"latency_ms": 80.0}
+    assert speedup({"latency_ms": 94.0, "latency_ms_vs_dense": 0.8}, dense) == 1.25  # the machine slowed meanwhile
+    assert speedup({"latency_ms": 40.0}, dense) == 2.0
+    assert speedup({"latency_ms_predicted": 5.0}, {"latency_ms_predicted": 10.0}) == 2.0
+    assert math.isnan(speedup({"accuracy": 0.9}, dense))

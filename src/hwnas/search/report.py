@@ -9,11 +9,11 @@ from pathlib import Path
 
 from rich.table import Table
 
-from hwnas.search.objectives import format_metric
+from hwnas.search.objectives import RELATIVE, format_metric
 from hwnas.search.pareto import Record, hypervolume, pareto_front
 
-TABLE_METRICS = ("accuracy", "fidelity_kl", "latency_ms", "latency_ms_predicted", "energy_mj", "energy_mj_above_idle",
-                 "energy_mj_predicted", "flops", "params")
+TABLE_METRICS = ("accuracy", "fidelity_kl", "latency_ms", "latency_ms_vs_dense", "latency_ms_predicted", "energy_mj",
+                 "energy_mj_above_idle", "energy_mj_predicted", "flops", "params")
 
 
 def pareto_document(study_dir, records: list[Record], baseline: dict) -> dict:
@@ -86,13 +86,20 @@ def front_table(document: dict, title: str | None = None) -> Table:
     table.add_column("speed-up", justify="right")
     table.add_column("config", overflow="fold")
     table.add_row("dense", *[format_metric(m, base[m]) for m in metrics], "1.00x", "", style="dim")
-    latency = "latency_ms" if "latency_ms" in base else "latency_ms_predicted"  # predicted on absent hardware
     for point in document["points"]:
         m = point["metrics"]
-        speedup = base[latency] / m[latency] if m.get(latency) and base.get(latency) else float("nan")
-        table.add_row(str(point["trial"]), *[format_metric(k, m[k]) for k in metrics], f"{speedup:.2f}x",
+        table.add_row(str(point["trial"]), *[format_metric(k, m[k]) for k in metrics], f"{speedup(m, base):.2f}x",
                       _short_config(point["config"], document["baseline"]["config"]))
     return table
+
+
+def speedup(metrics: dict, base: dict) -> float:
+    """Dense latency over the candidate's: the side-by-side ratio where it was measured (drift-free), else
+    the ratio to the baseline's latency (measured, or predicted on absent hardware); NaN without either."""
+    if metrics.get("latency_ms" + RELATIVE):
+        return 1.0 / metrics["latency_ms" + RELATIVE]
+    latency = "latency_ms" if "latency_ms" in base else "latency_ms_predicted"
+    return base[latency] / metrics[latency] if metrics.get(latency) and base.get(latency) else float("nan")
 
 
 def _short_config(config: dict, identity: dict) -> str:
