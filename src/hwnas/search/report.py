@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from hwnas.search.objectives import RELATIVE, format_metric
+from hwnas.search.objectives import LATENCY_VS_DENSE, format_metric
 from hwnas.search.pareto import Record, hypervolume, pareto_front
 
 TABLE_METRICS = ("accuracy", "fidelity_kl", "latency_ms", "latency_ms_vs_dense", "latency_ms_predicted", "energy_mj",
@@ -96,8 +96,8 @@ def front_table(document: dict, title: str | None = None) -> Table:
 def speedup(metrics: dict, base: dict) -> float:
     """Dense latency over the candidate's: the side-by-side ratio where it was measured (drift-free), else
     the ratio to the baseline's latency (measured, or predicted on absent hardware); NaN without either."""
-    if metrics.get("latency_ms" + RELATIVE):
-        return 1.0 / metrics["latency_ms" + RELATIVE]
+    if metrics.get(LATENCY_VS_DENSE):
+        return 1.0 / metrics[LATENCY_VS_DENSE]
     latency = "latency_ms" if "latency_ms" in base else "latency_ms_predicted"
     return base[latency] / metrics[latency] if metrics.get(latency) and base.get(latency) else float("nan")
 
