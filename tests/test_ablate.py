@@ -52,7 +52,7 @@ def test_a_joint_point_no_union_point_matches_is_beyond_the_union():
 
 def test_search_ablate_writes_each_study_and_the_comparison(tmp_path):
     out = tmp_path / "ablation"
-    command = SEARCH + ["ablate", "--trials", "3", "--rounds", "1", "--workers", "0", "--out", str(out), "--no-progress"]
+    command = SEARCH + ["ablate", "--trials", "3", "--rounds", "2", "--workers", "0", "--out", str(out), "--no-progress"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr
     assert "joint points beyond the union" in result.stdout
@@ -61,6 +61,7 @@ def test_search_ablate_writes_each_study_and_the_comparison(tmp_path):
     document = json.loads((out / "ablation.json").read_text())
     spaces = {row["impl"] for row in document["results"]}
     assert spaces == {"dense", "block", "tokens", "joint"}
+    assert all(len(row["metrics"]["latencies_ms"]) == 2 for row in document["results"])  # one call per round
     assert (out / "ablation.png").stat().st_size > 0 and "![fronts](ablation.png)" in (out / "ablation.md").read_text()
     # a second call reuses the three studies: no trial is run again
     counts = {name: _trials(out / name) for name in ("block", "tokens", "joint")}

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("space", nargs="?", help="space YAML file or preset name with two or more techniques "
                         "(default: the embedded digits DeiT: block sparsity and token keep)")
     ablate.add_argument("--trials", type=int, default=24, help="trials per study (default 24)")
-    ablate.add_argument("--rounds", type=int, default=3, help="side-by-side re-measurements of the fronts (default 3)")
+    ablate.add_argument("--rounds", type=int, default=15,
+                        help="rounds of side-by-side timing of the front models, one call each (default 15)")
     ablate.add_argument("--optimizer", default="nsga2")
     ablate.add_argument("--workers", type=int, default=1)
     ablate.add_argument("--device", default="cpu")

@@ -1,8 +1,8 @@
 """``search bench joint``: block sparsity alone, token keep alone, and both searched jointly.
 
 ``search ablate`` on the default space (the digits DeiT): nsga2, ``TRIALS`` trials per study,
-seed 0, accuracy and latency on this device, every front point re-measured side by side in
-``ROUNDS`` shuffled rounds. Rows (``hwnas.search.ablate.Ablation.rows``): ``impl`` is the space
+seed 0, accuracy and latency on this device, every front point built once and timed side by
+side in ``ROUNDS`` shuffled rounds of one call each. Rows (``hwnas.search.ablate.Ablation.rows``): ``impl`` is the space
 (``block``, ``tokens``, ``joint``, ``dense``); ``case`` the space, trial and configuration; the
 timing is the median over rounds; ``metrics``: ``accuracy``, ``flops``, ``latencies_ms``,
 ``on_front`` (its own space's front), ``on_union`` (block/tokens rows), ``beyond_union`` (joint
@@ -23,7 +23,7 @@ from hwnas.search.study import RunSettings
 from hwnas.spaces import load_space
 
 TRIALS = 24
-ROUNDS = 3
+ROUNDS = 15
 
 
 def run(device: str = "cpu", quick: bool = False) -> list[dict]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import functools
+from typing import Callable
 
 import torch
 
@@ -56,7 +58,7 @@ class Evaluator:
         self.predictor = predictor_for(hwprofile, self.settings["dtype"]) if hwprofile else None
         self.profile = self.predictor.profile if self.predictor else None
         self.measures_here = self.profile is None or is_this_machine(self.profile, str(self.device))
-        self._dense: torch.nn.Module | None = None  # the timing reference of versus_dense, made on first use
+        self._dense: Callable[[], object] | None = None  # the timing reference of versus_dense, made on first use
 
     def info(self) -> dict:
         """Where and how measurements are taken (and, with a profile, what is predicted for which device)."""
@@ -77,48 +79,60 @@ class Evaluator:
 
     def measure_model(self, model: torch.nn.Module) -> dict[str, float]:
         """Metrics of an already transformed model (also used to re-measure exports)."""
-        metrics: dict[str, float] = {}
-        model = model.to(torch.float32).eval()
-        logits = predict_logits(model, self.data.calib_x)
-        metrics["fidelity_kl"] = fidelity_kl(self.dense_calib_logits, logits)
-        if self.data.test_y is not None:
-            metrics["accuracy"] = accuracy(predict_logits(model, self.data.test_x), self.data.test_y)
-        metrics["flops"] = count_flops(model, self.data.input_shape)
-        metrics["params"] = count_params(model)
+        metrics = self.quality(model)
         if self.predictor is not None:
             metrics.update(self.predictor.predict(model, self.latency_input))
         if not self.measures_here:
             return metrics
 
-        model = model.to(self.device, self.dtype)
-        x = self.latency_input.to(self.device, self.dtype)
-        if self.device.type == "cpu":
-            calibrate_block_sparse(model, x)  # each block-sparse layer picks its faster CPU path
+        call = self.timed_call(model)
         warmup, repeats = int(self.settings["warmup"]), int(self.settings["repeats"])
         if self.settings["versus_dense"]:
-            dense = self._dense_here()
-            timings = measure_side_by_side({"candidate": lambda: model(x), "dense": lambda: dense(x)}, self.device,
-                                           warmup, repeats)
+            timings = measure_side_by_side({"candidate": call, "dense": self._dense_call()}, self.device, warmup,
+                                           repeats)
             timing = timings["candidate"]
             metrics["latency_ms_vs_dense"] = paired_ratio(timing.samples_ms, timings["dense"].samples_ms).median
         else:
-            timing = measure(lambda: model(x), self.device, warmup, repeats)
+            timing = measure(call, self.device, warmup, repeats)
         metrics.update(latency_ms=timing.median_ms, latency_ms_min=timing.min_ms, latency_ms_max=timing.max_ms)
         if self.energy:
             idle_w = self.profile.power_w.get("idle") if self.profile is not None else None  # measured here
-            energy = measure_energy(lambda: model(x), self.device, idle_w=idle_w)
+            energy = measure_energy(call, self.device, idle_w=idle_w)
             if energy is None:
                 raise HwnasError(f"no energy counter on {device_name(self.device)} (NVML or RAPL); "
                                  "drop the energy objective/budget")
-            metrics["energy_mj"] = energy.mj_per_call / len(x)  # per image
+            images = len(self.latency_input)
+            metrics["energy_mj"] = energy.mj_per_call / images  # per image
             if energy.above_idle_mj_per_call is not None:
-                metrics["energy_mj_above_idle"] = energy.above_idle_mj_per_call / len(x)
+                metrics["energy_mj_above_idle"] = energy.above_idle_mj_per_call / images
         return metrics
 
-    def _dense_here(self) -> torch.nn.Module:
-        """The unpruned model on the measuring device and dtype (a copy, made once)."""
+    def quality(self, model: torch.nn.Module) -> dict[str, float]:
+        """What does not depend on the device: fidelity, accuracy (with labels), FLOPs and parameters (fp32)."""
+        model = model.to(torch.float32).eval()
+        logits = predict_logits(model, self.data.calib_x)
+        metrics = {"fidelity_kl": fidelity_kl(self.dense_calib_logits, logits)}
+        if self.data.test_y is not None:
+            metrics["accuracy"] = accuracy(predict_logits(model, self.data.test_x), self.data.test_y)
+        metrics["flops"] = count_flops(model, self.data.input_shape)
+        metrics["params"] = count_params(model)
+        return metrics
+
+    def timed_call(self, model: torch.nn.Module) -> Callable[[], object]:
+        """One inference of the latency batch by ``model``, moved (in place) to the measuring device and dtype.
+
+        On the CPU each block-sparse layer first picks its faster path on that batch.
+        """
+        model = model.to(self.device, self.dtype).eval()
+        x = self.latency_input.to(self.device, self.dtype)
+        if self.device.type == "cpu":
+            calibrate_block_sparse(model, x)
+        return functools.partial(model, x)
+
+    def _dense_call(self) -> Callable[[], object]:
+        """The unpruned model's ``timed_call`` (on a copy, made once): the reference of ``versus_dense``."""
         if self._dense is None:
-            self._dense = copy.deepcopy(self.model).to(self.device, self.dtype).eval()
+            self._dense = self.timed_call(copy.deepcopy(self.model))
         return self._dense
 
 

@@ -102,12 +102,14 @@ def measure_side_by_side(
     warmup: int = 3,
     rounds: int = 15,
     seed: int = 0,
+    on_round: Callable[[], object] | None = None,
 ) -> dict[str, Timing]:
     """Time several callables in interleaved rounds, each round in a new shuffled order.
 
     A machine whose speed drifts (a shared VM, thermal throttling) then slows every callable alike
     instead of whichever happened to run in the slow minute. One sample per callable per round,
-    kept in ``Timing.samples_ms`` for ``paired_ratio``.
+    kept in ``Timing.samples_ms`` for ``paired_ratio``. ``on_round()`` is called after each round
+    (a progress bar's advance).
     """
     device = torch.device(device)
     samples: dict[str, list[float]] = {name: [] for name in fns}
@@ -120,6 +122,8 @@ def measure_side_by_side(
             random.Random(seed + round_).shuffle(order)
             for name in order:
                 samples[name].append(_time_once(fns[name], device))
+            if on_round is not None:
+                on_round()
     return {name: Timing(statistics.median(s), min(s), max(s), len(s), tuple(s)) for name, s in samples.items()}
 
 

@@ -4,30 +4,29 @@ Each technique of SPACE (``TECHNIQUES``: block sparsity, token keep, window rati
 the space restricted to its dimensions, under ``OUT/<technique>``, and the whole space one under
 ``OUT/joint``: same optimizer, trials, seed and objectives (accuracy and latency on this
 machine); an existing study there is reused and resumed. The front points of all of them, and the
-dense model (which every space reaches), are then re-measured side by side, ``rounds`` times in
-shuffled order, so a drifting machine favours no study, and every front is recomputed on those
-measurements; ``union`` is the front of the single-technique points together. A joint point is
-*beyond the union* when no union point is at least as accurate and as fast. Written to
-``ablation.json`` (the measurements, in the benchmark row format), ``ablation.md`` and
-``ablation.png`` (each front, their union and the joint front).
+dense model (which every space reaches), are then built once and timed side by side: ``rounds``
+rounds of one call each, in a new shuffled order per round, so a drifting machine favours no
+study; every front is recomputed on those measurements; ``union`` is the front of the
+single-technique points together. A joint point is *beyond the union* when no union point is at
+least as accurate and as fast. Written to ``ablation.json`` (the measurements, in the benchmark
+row format), ``ablation.md`` and ``ablation.png`` (each front, their union and the joint front).
 """
 
 from __future__ import annotations
 
 import io
-import random
 import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import track
+from rich.progress import Progress
 from rich.table import Table
 
 from hwnas.bench.record import bench_record, result_row, write_record
 from hwnas.errors import HwnasError
-from hwnas.hwprofiles.latency import Timing, device_name
-from hwnas.pruning.apply import TECHNIQUES
+from hwnas.hwprofiles.latency import Timing, device_name, measure_side_by_side
+from hwnas.pruning.apply import TECHNIQUES, apply_config
 from hwnas.search.objectives import parse_objectives
 from hwnas.search.pareto import Record, hypervolume, pareto_front
 from hwnas.search.runner import run_study
@@ -122,7 +121,7 @@ def technique_sources(space: Space) -> dict[str, dict]:
     return {**sources, JOINT: space.source}
 
 
-def ablate(space: Space, out: str | Path, settings: RunSettings, rounds: int = 3, console: Console | None = None,
+def ablate(space: Space, out: str | Path, settings: RunSettings, rounds: int = 15, console: Console | None = None,
            progress: bool = True) -> Ablation:
     """Run (or resume) one study per technique and one of the whole space under ``out``, each with
     ``settings`` (objectives accuracy and latency), then re-measure their fronts side by side."""
@@ -137,9 +136,10 @@ def ablate(space: Space, out: str | Path, settings: RunSettings, rounds: int = 3
     return remeasure_fronts(space, fronts, settings.device, rounds, console if progress else None)
 
 
-def remeasure_fronts(space: Space, fronts: dict[str, list[dict]], device: str = "cpu", rounds: int = 3,
+def remeasure_fronts(space: Space, fronts: dict[str, list[dict]], device: str = "cpu", rounds: int = 15,
                      console: Console | None = None) -> Ablation:
-    """Measure every front point and the dense model ``rounds`` times in shuffled order; mark the fronts."""
+    """Build every front point and the dense model once, time them side by side in ``rounds`` shuffled
+    rounds (one call of each per round), and mark the fronts."""
     from hwnas.evaluators.evaluator import Evaluator
 
     identity = space.identity()
@@ -147,17 +147,18 @@ def remeasure_fronts(space: Space, fronts: dict[str, list[dict]], device: str = 
         AblationPoint(name, p["trial"], {**identity, **p["config"]}, 0.0, 0.0, [])
         for name, front in fronts.items() for p in front]
     evaluator = Evaluator(space, device=device)
-    schedule = []
-    for round_ in range(rounds):
-        order = list(range(len(points)))
-        random.Random(round_).shuffle(order)
-        schedule += order
-    steps = track(schedule, description="re-measuring the fronts side by side", console=console,
-                  disable=console is None, transient=True)
-    for i in steps:
-        metrics = evaluator.evaluate(points[i].config)
-        points[i].accuracy, points[i].flops = metrics["accuracy"], metrics["flops"]
-        points[i].latencies_ms.append(metrics["latency_ms"])
+    calls = {}
+    with Progress(console=console, disable=console is None, transient=True) as progress:
+        for i, point in enumerate(progress.track(points, description="building the front models")):
+            model = apply_config(evaluator.model, space, point.config, evaluator.pruner)
+            quality = evaluator.quality(model)
+            point.accuracy, point.flops = quality["accuracy"], quality["flops"]
+            calls[str(i)] = evaluator.timed_call(model)
+        timing = progress.add_task(f"timing {len(points)} models side by side", total=rounds)
+        timings = measure_side_by_side(calls, evaluator.device, int(evaluator.settings["warmup"]), rounds,
+                                       on_round=lambda: progress.advance(timing))
+    for i, point in enumerate(points):
+        point.latencies_ms = list(timings[str(i)].samples_ms)
     return _mark_fronts(points, list(fronts))
 
 
@@ -229,9 +230,9 @@ def write_ablation(out: str | Path, ablation: Ablation, device: str = "cpu") -> 
     console.print(beyond_union_table(ablation))
     rounds = len(ablation.dense.latencies_ms)
     (out / "ablation.md").write_text(
-        f"# Techniques alone and together\n\nDevice: {device_name(device)}; every front point "
-        f"re-measured {rounds} times, side by side in shuffled order.\n\n```\n" + console.export_text()
-        + "```\n\n![fronts](ablation.png)\n")
+        f"# Techniques alone and together\n\nDevice: {device_name(device)}; every front point built once "
+        f"and timed side by side: {rounds} rounds of one call each, in shuffled order.\n\n```\n"
+        + console.export_text() + "```\n\n![fronts](ablation.png)\n")
     plot_ablation(ablation, out / "ablation.png")
     return out
 
