@@ -40,6 +40,7 @@ def test_objectives():
     objectives = parse_objectives("accuracy,latency")
     assert [(o.metric, o.direction) for o in objectives] == [("accuracy", "max"), ("latency_ms", "min")]
     assert objectives[0].minimised(0.9) == -0.9
+    assert [o.metric for o in parse_objectives("accuracy,latency_vs_dense")] == ["accuracy", "latency_ms_vs_dense"]
     with pytest.raises(HwnasError, match="unknown objective 'speed'"):
         parse_objectives("accuracy,speed")
 
@@ -48,6 +49,7 @@ def test_latency_and_energy_become_predicted_on_absent_hardware():
     assert as_predicted("accuracy,latency,energy") == "accuracy,latency_predicted,energy_predicted"
     assert as_predicted("latency=5ms, accuracy_drop=1%") == "latency_predicted=5ms,accuracy_drop=1%"
     assert as_predicted("") == ""
+    assert as_predicted("accuracy,latency_vs_dense") == "accuracy,latency_predicted"  # no side-by-side there
     assert parse_budget(as_predicted("latency=5ms")).limits == {"latency_ms_predicted": 5.0}
 
 

@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("dir")
     which = export.add_mutually_exclusive_group()
     which.add_argument("--trial", type=int, help="trial number")
-    which.add_argument("--pick", help="best front point by latency (default) | accuracy | energy | fidelity")
+    which.add_argument("--pick", help="best front point by latency (default; the side-by-side ratio to dense "
+                       "where measured) | accuracy | energy | fidelity")
     export.add_argument("-o", "--output", required=True, help="output directory")
 
     finetune = commands.add_parser("finetune", help="recover an export's accuracy by two-level distillation")

@@ -21,10 +21,10 @@ COST_MODEL_FILE = "cost_model.json"
 
 
 def study_metrics(study_dir) -> list[str]:
-    """The metrics the objectives and the budget read (a relative limit reads its metric, an accuracy drop
-    reads accuracy)."""
-    limits = ["accuracy" if m == "accuracy_drop" else m.removesuffix(RELATIVE) for m in study_dir.budget.limits]
-    return [o.metric for o in study_dir.objectives] + limits
+    """The metrics the objectives and the budget read (a relative limit or objective reads its metric, an
+    accuracy drop reads accuracy)."""
+    limits = ["accuracy" if m == "accuracy_drop" else m for m in study_dir.budget.limits]
+    return [m.removesuffix(RELATIVE) for m in [o.metric for o in study_dir.objectives] + limits]
 
 
 def needs_cost_model(study_dir) -> bool:
