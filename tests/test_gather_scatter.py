@@ -57,9 +57,16 @@ def test_torch_path_on_views_gradients_and_bad_rows():
     values = torch.randn(3, 3, 4, dtype=torch.float64)
     expected = transposed.clone().index_put_((batch.expand_as(rows), rows), values, accumulate=True)
     assert torch.equal(scatter_add_rows_(transposed, rows, values, use_triton=False), expected)
+    base = torch.randn(3, 10, 4, dtype=torch.float64)
+    expected = base.clone()
+    expected[:, 1:].index_put_((batch.expand_as(rows), rows), values, accumulate=True)
+    sliced = base[:, 1:]  # written through the row table's view: the class rows stay as they were
+    assert scatter_add_rows_(sliced, rows, values, use_triton=False) is sliced and torch.equal(base, expected)
     for bad in (-1, 9):  # would silently land in the neighbouring image of the flattened table
         with pytest.raises(IndexError, match=r"rows must lie in \[0, 9\)"):
             gather_rows(patches.detach(), torch.tensor([[bad]] * 3), use_triton=False)
+        with pytest.raises(IndexError, match=r"rows must lie in \[0, 9\)"):
+            scatter_add_rows_(sliced, torch.tensor([[bad]] * 3), values[:, :1].contiguous(), use_triton=False)
 
 
 @needs_triton

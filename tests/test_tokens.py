@@ -98,6 +98,37 @@ def test_ucc_keeps_the_best_scored_tokens_and_fuses_the_rest_into_the_most_simil
     assert torch.equal(out.x[:, :1], state.x[:, :1])  # class token untouched
 
 
+@pytest.mark.parametrize("sized", [False, True])
+def test_ucc_reduce_matches_a_token_by_token_reference(sized):
+    """A batch of images, after an earlier cut (sizes, owners) or before the first: every fused token,
+    size, inherited score and patch owner as written out one image and one token at a time."""
+    generator = torch.Generator().manual_seed(1)
+    batch, count, channels, keep = 3, 9, 5, 4
+    patches, keys = torch.randn(batch, count, channels, generator=generator), torch.randn(batch, count, 3, generator=generator)
+    history = torch.rand(batch, count, generator=generator)
+    size = torch.randint(1, 4, (batch, count), generator=generator).float() if sized else None
+    owner = torch.randint(0, count, (batch, 16), generator=generator) if sized else None
+    state = replace(_state(patches, attention_sum=history, observed=2, keys=keys, size=size, owner=owner), grid=(4, 4))
+    out = UccMethod(spectral_weight=0.0).reduce(state, keep)
+    size = torch.ones(batch, count) if size is None else size
+    for b in range(batch):
+        kept = sorted(history[b].argsort(descending=True)[:keep].tolist())
+        new_of = {k: i for i, k in enumerate(kept)}
+        unit = torch.nn.functional.normalize(keys[b], dim=-1)
+        for n in range(count):
+            if n not in new_of:
+                new_of[n] = int((unit[kept] @ unit[n]).argmax())
+        for i, k in enumerate(kept):
+            members = [n for n in range(count) if new_of[n] == i]
+            total = sum(size[b, n] for n in members)
+            mean = sum(size[b, n] * patches[b, n] for n in members) / total
+            torch.testing.assert_close(out.patches[b, i], mean)
+            torch.testing.assert_close(out.size[b, i], total)
+            torch.testing.assert_close(out.attention_sum[b, i], sum(history[b, n] for n in members))
+        patch_owner = range(count) if owner is None else owner[b].tolist()
+        assert out.owner[b].tolist() == [new_of[n] for n in patch_owner]
+
+
 def test_ucc_scores_accumulate_over_blocks():
     """One block's idiosyncrasy does not decide: the running mean of the attention does."""
     method = UccMethod(spectral_weight=0.0)

@@ -128,10 +128,20 @@ def _launch(kernel, x: Tensor, rows: Tensor, *tensors: Tensor, **constexprs: boo
     )
 
 
+def _rows_are_contiguous(x: Tensor) -> bool:
+    """Whether every row ``x[b, l]`` is contiguous and the images lie, without overlapping, a whole number
+    of rows apart (a row slice ``x[:, a:b]`` of a contiguous tensor does; an expanded batch does not)."""
+    batch, length, channels = x.shape
+    apart = x.stride(0) % max(channels, 1) == 0 and (batch == 1 or x.stride(0) >= length * channels)
+    return x.stride(2) == 1 and x.stride(1) == channels and apart and x.numel() > 0
+
+
 def _row_table(x: Tensor) -> tuple[Tensor, int]:
     """``x [B, L, C]`` as one table of rows ``[M, C]`` (a view when its rows are contiguous) and the rows per image."""
     batch, length, channels = x.shape
-    if x.stride(2) == 1 and x.stride(1) == channels and x.stride(0) % max(channels, 1) == 0 and batch * length:
+    if x.is_contiguous():
+        return x.view(batch * length, channels), length
+    if _rows_are_contiguous(x):
         step = x.stride(0) // channels
         return x.as_strided(((batch - 1) * step + length, channels), (channels, 1)), step
     return x.reshape(batch * length, channels), length
@@ -139,17 +149,22 @@ def _row_table(x: Tensor) -> tuple[Tensor, int]:
 
 def _table_index(rows: Tensor, step: int, length: int) -> Tensor:
     """``rows [B, R]`` as int64 indices ``[B·R]`` into a row table of ``step`` rows per image; raises if out of range."""
-    if rows.numel() and (rows.min() < 0 or rows.max() >= length):
-        raise IndexError(f"rows must lie in [0, {length}), got values in [{int(rows.min())}, {int(rows.max())}]")
+    if rows.numel():
+        low, high = torch.aminmax(rows)
+        if low < 0 or high >= length:
+            raise IndexError(f"rows must lie in [0, {length}), got values in [{int(low)}, {int(high)}]")
     offsets = torch.arange(rows.shape[0], device=rows.device)[:, None] * step
     return (rows.long() + offsets).reshape(-1)
 
 
 def _index_into_(x: Tensor, rows: Tensor, values: Tensor, accumulate: bool) -> Tensor:
-    """``index_add_``/``index_copy_`` of ``values [B, R, C]`` into the rows of ``x`` named by ``rows``, in place."""
-    target = x if x.is_contiguous() else x.contiguous()
-    table = target.view(-1, x.shape[2])
-    index = _table_index(rows, x.shape[1], x.shape[1])
+    """``index_add_``/``index_copy_`` of ``values [B, R, C]`` into the rows of ``x`` named by ``rows``, in place.
+
+    Writes through a view of ``x`` when its rows are contiguous (a row slice too), else through a copy.
+    """
+    target = x if _rows_are_contiguous(x) else x.contiguous()
+    table, step = _row_table(target)
+    index = _table_index(rows, step, x.shape[1])
     flat_values = values.reshape(-1, x.shape[2])
     if accumulate:
         table.index_add_(0, index, flat_values)

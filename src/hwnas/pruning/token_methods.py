@@ -125,20 +125,19 @@ class UccMethod(TokenMethod):
         return (1.0 - self.spectral_weight) * spatial + self.spectral_weight * spectral
 
     def reduce(self, state: TokenState, keep: int) -> TokenState:
-        patches = state.patches
-        batch, count, _ = patches.shape
-        score = self.scores(state)
-        order = score.argsort(dim=1, descending=True)
-        kept, pruned = order[:, :keep].sort(dim=1).values, order[:, keep:]
-        keys = F.normalize(state.keys, dim=-1)
-        similarity = gather_rows(keys, pruned) @ gather_rows(keys, kept).transpose(1, 2)  # [B, P, K]
-        target = similarity.argmax(dim=-1)
-        size = _sizes(state, patches)
-        merged, merged_size = _fuse(patches, size, kept, pruned, target, size.gather(1, pruned), self.use_triton)
-        history = state.attention_sum.gather(1, kept).scatter_add(1, target, state.attention_sum.gather(1, pruned))
-        new_index = torch.empty(batch, count, dtype=torch.long, device=patches.device)
-        new_index.scatter_(1, kept, torch.arange(keep, device=patches.device).expand(batch, -1))
-        new_index.scatter_(1, pruned, target)
+        batch = state.x.shape[0]
+        ranked = self.scores(state).argsort(dim=1, descending=True)
+        # the kept tokens in their original order, then the pruned ones: every per-token table is gathered once
+        order = torch.cat([ranked[:, :keep].sort(dim=1).values, ranked[:, keep:]], dim=1)
+        keys = gather_rows(F.normalize(state.keys, dim=-1), order)
+        target = (keys[:, keep:] @ keys[:, :keep].transpose(1, 2)).argmax(dim=-1)  # most similar kept token [B, P]
+        rows = gather_rows(state.patches, order, self.use_triton)
+        size = None if state.size is None else state.size.gather(1, order)
+        merged, merged_size = _fuse(rows, size, keep, target, self.use_triton)
+        history = state.attention_sum.gather(1, order)
+        history = history[:, :keep].scatter_add(1, target, history[:, keep:])
+        destination = torch.cat([torch.arange(keep, device=order.device).expand(batch, -1), target], dim=1)
+        new_index = torch.empty_like(order).scatter_(1, order, destination)  # old token -> new token
         owner = new_index if state.owner is None else new_index.gather(1, state.owner)
         return state.with_patches(merged, size=merged_size, owner=owner, attention_sum=history, keys=None, attention=None)
 
@@ -223,9 +222,11 @@ def spectral_energy(state: TokenState) -> Tensor:
 
 
 def _sum_by_owner(owner: Tensor, count: int, values: Tensor) -> Tensor:
-    """Sum per-patch ``values [B, P, ...]`` into their owning tokens: [B, N, ...]."""
-    index = owner.reshape(*owner.shape, *([1] * (values.dim() - 2))).expand_as(values)
-    return values.new_zeros(values.shape[0], count, *values.shape[2:]).scatter_add_(1, index, values)
+    """Sum per-patch ``values [B, P]`` or ``[B, P, D]`` into their owning tokens: [B, N] or [B, N, D]."""
+    totals = values.new_zeros(values.shape[0], count, *values.shape[2:])
+    if values.dim() == 2:
+        return totals.scatter_add_(1, owner, values)
+    return scatter_add_rows_(totals, owner, values.contiguous())
 
 
 @functools.lru_cache(maxsize=16)
@@ -260,19 +261,24 @@ def _sizes(state: TokenState, patches: Tensor) -> Tensor:
     return patches.new_ones(patches.shape[:2], dtype=torch.float32)
 
 
-def _fuse(patches: Tensor, size: Tensor, kept: Tensor, pruned: Tensor, target: Tensor, weight: Tensor,
-          use_triton: bool | None) -> tuple[Tensor, Tensor]:
-    """Kept tokens as size-weighted means with the pruned tokens fused into them: (tokens, sizes).
+def _fuse(rows: Tensor, size: Tensor | None, keep: int, target: Tensor, use_triton: bool | None
+          ) -> tuple[Tensor, Tensor]:
+    """The first ``keep`` of ``rows [B, N, C]`` as size-weighted means with the others fused into them:
+    (tokens, sizes). ``rows`` is consumed (its kept part accumulates in place).
 
-    ``target [B, P]`` is the position among ``kept`` that pruned token p joins, ``weight [B, P]``
-    the size it brings.
+    ``size [B, N]`` is how many patches each row stands for (None: one each); ``target [B, N - keep]``
+    the kept row each other row joins.
     """
-    kept_size = size.gather(1, kept)
-    total = gather_rows(patches, kept, use_triton) * kept_size[..., None].to(patches.dtype)
-    total = scatter_add_rows_(total, target, gather_rows(patches, pruned, use_triton), weight.to(patches.dtype),
-                              use_triton)
-    merged_size = kept_size.scatter_add(1, target, weight)
-    return total / merged_size[..., None].to(patches.dtype), merged_size
+    kept, pruned = rows[:, :keep], rows[:, keep:]
+    if size is None:
+        scatter_add_rows_(kept, target, pruned, use_triton=use_triton)
+        ones = rows.new_ones(target.shape, dtype=torch.float32)
+        merged_size = ones.new_ones(kept.shape[:2]).scatter_add_(1, target, ones)
+    else:
+        kept = kept * size[:, :keep, None].to(rows.dtype)
+        scatter_add_rows_(kept, target, pruned, size[:, keep:].to(rows.dtype), use_triton)
+        merged_size = size[:, :keep].scatter_add(1, target, size[:, keep:])
+    return kept / merged_size[..., None].to(rows.dtype), merged_size
 
 
 def _bipartite_merge(patches: Tensor, size: Tensor, keys: Tensor, remove: int,
