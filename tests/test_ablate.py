@@ -52,7 +52,8 @@ def test_a_joint_point_no_union_point_matches_is_beyond_the_union():
 
 def test_search_ablate_writes_each_study_and_the_comparison(tmp_path):
     out = tmp_path / "ablation"
-    command = SEARCH + ["ablate", "--trials", "3", "--rounds", "2", "--workers", "0", "--out", str(out), "--no-progress"]
+    command = SEARCH + ["ablate", "--trials", "3", "--rounds", "2", "--workers", "0", "--out", str(out),
+                        "--no-progress"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr
     assert "joint points beyond the union" in result.stdout

@@ -104,7 +104,8 @@ def test_ucc_reduce_matches_a_token_by_token_reference(sized):
     size, inherited score and patch owner as written out one image and one token at a time."""
     generator = torch.Generator().manual_seed(1)
     batch, count, channels, keep = 3, 9, 5, 4
-    patches, keys = torch.randn(batch, count, channels, generator=generator), torch.randn(batch, count, 3, generator=generator)
+    patches = torch.randn(batch, count, channels, generator=generator)
+    keys = torch.randn(batch, count, 3, generator=generator)
     history = torch.rand(batch, count, generator=generator)
     size = torch.randint(1, 4, (batch, count), generator=generator).float() if sized else None
     owner = torch.randint(0, count, (batch, 16), generator=generator) if sized else None
