@@ -122,10 +122,13 @@ def test_profile_then_compare_prints_both_columns(tmp_path):
     header = next(line for line in done.stdout.splitlines() if "cpu-measured" in line and "h100" in line)
     assert header.index("cpu-measured") < header.index("h100")
     assert "predicted vs measured latency (front)" in done.stdout
+    assert "predicted vs measured latency (all trials)" in done.stdout
     data = json.loads((out / "compare.json").read_text())
     here, h100 = data["profiles"]
     assert here["measured"] and not h100["measured"]
     assert here["prediction_error"]["n"] >= 1 and h100["prediction_error"] is None
+    assert here["prediction_error_all_trials"]["n"] >= here["prediction_error"]["n"]
+    assert h100["prediction_error_all_trials"] is None
     h100_front = json.loads((out / "h100" / "pareto.json").read_text())
     assert "predicted" in h100_front["device"] and "NVIDIA H100" in h100_front["device"]
     assert all("latency_ms" not in p["metrics"] and p["metrics"]["latency_ms_predicted"] > 0
