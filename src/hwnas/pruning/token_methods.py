@@ -21,7 +21,8 @@ returns a state with ``keep`` patch tokens; prefix tokens (class, registers) alw
   worse on the same split: weighing a pruned token by its score relative to the weakest kept one
   (2868), a softmax over similarities instead of the most similar token (≤ 2870), the spectral
   energy of the attention keys (mean over heads, 6–12x cheaper than the features) at β = 0.1,
-  0.2, 0.3, 0.5 (≤ 2862).
+  0.2, 0.3, 0.5 (≤ 2862), or of the features through a fixed random projection to 32 or 64
+  channels (2869–2876: no gain for the approximation).
 * ``tome``: ToMe's bipartite soft matching (training-free): alternate tokens form two sets, each
   token of A its most similar of B, the most similar pairs are merged (size-weighted mean),
   repeated until ``keep`` remain; proportional attention.
