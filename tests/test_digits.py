@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import pytest
 import torch
@@ -47,13 +48,17 @@ def test_trained_on_first_use_then_loaded_from_cache(monkeypatch, tmp_path):
     tiny = dict(digits.DIGITS_MODELS["digits-deit"], embed_dim=24, depth=1, num_heads=2)
     monkeypatch.setitem(digits.DIGITS_MODELS, "digits-deit", tiny)
     monkeypatch.setitem(digits.RECIPES, "digits-deit", dataclasses.replace(digits.RECIPES["digits-deit"], epochs=1))
+    assert digits.checkpoint_fingerprint("digits-deit") is None
     first = digits.create_digits_model("digits-deit", progress=False)
     assert digits.checkpoint_path("digits-deit").is_file()
+    fingerprint = digits.checkpoint_fingerprint("digits-deit")
+    assert fingerprint == hashlib.sha256(digits.checkpoint_path("digits-deit").read_bytes()).hexdigest()[:12]
     untrained = digits.build_digits_arch("digits-deit")
     assert not torch.equal(first.head.weight, untrained.head.weight)  # it was trained
     second = digits.create_digits_model("digits-deit", progress=False)
     for (name, p), q in zip(first.state_dict().items(), second.state_dict().values()):
         assert torch.equal(p, q), name
+    assert digits.checkpoint_fingerprint("digits-deit") == fingerprint
 
 
 @pytest.mark.parametrize("name", ["digits-deit", "digits-swin"])

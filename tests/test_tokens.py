@@ -9,7 +9,7 @@ import torch
 
 from hwnas.errors import HwnasError
 from hwnas.pruning.token_methods import (LOW_PASS_RADIUS, TOKEN_METHODS, EvitMethod, RandomMethod, TokenState, TomeMethod,
-                                         UccMethod, low_pass_basis, spectral_energy)
+                                         UccMethod, low_pass_basis, spectral_energy, token_method)
 from hwnas.pruning.tokens import apply_token_keep, keep_counts, observed_block
 
 
@@ -224,6 +224,20 @@ def test_triton_merge_matches_torch(vit, method):
         expected = cls(use_triton=False).reduce(state, keep=6)
         actual = cls(use_triton=True).reduce(state, keep=6)
     assert torch.allclose(actual.x, expected.x, atol=1e-5) and torch.allclose(actual.size, expected.size)
+
+
+@pytest.mark.parametrize("method", list(TOKEN_METHODS))
+def test_methods_run_in_half_precision(vit, method):
+    """fp16 end to end (the CUDA benchmark's batch-64 point), on the Triton kernels where the interpreter runs them."""
+    from hwnas.kernels.block_sparse import triton_available
+
+    use_triton = True if triton_available(torch.device("cpu")) else None
+    model = apply_token_keep(copy.deepcopy(vit), {2: 0.5, 5: 0.25}, token_method(method, use_triton=use_triton)).half()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        out, reference = model(x.half()), apply_token_keep(copy.deepcopy(vit), {2: 0.5, 5: 0.25}, method)(x)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert (out.float() - reference).abs().max() < 0.1 * reference.abs().max()
 
 
 def test_unknown_token_method(vit):

@@ -335,10 +335,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
     from hwnas.bench.record import bench_record, write_record
+    from hwnas.models.digits import checkpoint_fingerprint
 
     module = importlib.import_module(f"hwnas.bench.{args.name}")
     results = module.run(device=args.device, quick=args.quick)
-    path = write_record(bench_record(args.name, args.device, results), args.json)
+    checkpoints = {name: checkpoint_fingerprint(name) for name in getattr(module, "DIGITS_CHECKPOINTS", ())}
+    path = write_record(bench_record(args.name, args.device, results, checkpoints), args.json)
     _console().print(module.summary(results))
     figure = f" and {module.plot(results, path.with_suffix('.png'))}" if hasattr(module, "plot") else ""
     Console(stderr=True).print(f"wrote {len(results)} measurements to {path}{figure}", markup=False)

@@ -23,6 +23,7 @@ from hwnas.search.study import RunSettings
 from hwnas.spaces import load_space
 
 TRIALS = 24
+DIGITS_CHECKPOINTS = ("digits-deit",)  # the default space's model, recorded with the results
 ROUNDS = 15
 
 

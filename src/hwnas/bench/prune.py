@@ -27,6 +27,7 @@ from hwnas.models.digits import create_digits_model, load_digits_splits
 from hwnas.pruning.block_obs import LayerDatabase, apply_block_sparsity, find_linear_layers, prune_blocks_magnitude
 
 MODEL = "digits-deit"
+DIGITS_CHECKPOINTS = (MODEL,)  # recorded with the results (``checkpoint_fingerprint``)
 SPARSITIES = (0.25, 0.5, 0.75)
 BLOCKS = (16, 32)
 DAMP = 0.01

@@ -21,16 +21,19 @@ def result_row(case: dict, impl: str, timing: Timing | None, metrics: dict | Non
     return row
 
 
-def bench_record(bench: str, device: torch.device | str, results: list[dict]) -> dict:
-    """The whole file: which benchmark, where it ran, and its rows."""
-    return {
+def bench_record(bench: str, device: torch.device | str, results: list[dict],
+                 checkpoints: dict[str, str | None] | None = None) -> dict:
+    """The whole file: which benchmark, where it ran, the built-in models' weights it measured, and its rows."""
+    record = {
         "bench": bench,
         "device": device_name(device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "results": results,
     }
+    if checkpoints:
+        record["checkpoints"] = checkpoints
+    return {**record, "results": results}
 
 
 def write_record(record: dict, path: str | Path) -> Path:

@@ -12,8 +12,8 @@ token counts alone; the scoring and merging ops add < 1 %).
   ``hwnas-last``: the last block's attention instead of the accumulated one). The summary gives
   each method its best schedule of the family (a method is judged by the best it can do at that
   cost); the JSON holds every schedule.
-* **Latency** (``deit_small_patch16_224``, ``deit_base_patch16_224``, random weights, fp32 on the
-  CPU, batch 1 and 8): dense, ``hwnas`` and ``tome`` with cuts at blocks 3, 6, 9 and ρ bisected to
+* **Latency** (``deit_small_patch16_224``, ``deit_base_patch16_224``, random weights, fp32 at
+  batch 1 and 8, and on CUDA also fp16 at batch 64): dense, ``hwnas`` and ``tome`` with cuts at blocks 3, 6, 9 and ρ bisected to
   −50 % FLOPs, side by side: interleaved rounds, one call of each per round in shuffled order
   (``ROUNDS`` per batch size: batch 1 calls are short and their spread wide, so they get more).
   Speed-ups are paired: per round, the ratio of the two calls' times (so the machine's drift
@@ -39,13 +39,17 @@ from hwnas.pruning.token_methods import TokenMethod, UccMethod, token_method
 from hwnas.pruning.tokens import apply_token_keep
 
 DIGITS_MODEL = "digits-deit"
+DIGITS_CHECKPOINTS = (DIGITS_MODEL,)  # recorded with the results (``checkpoint_fingerprint``)
 TIMING_MODELS = ("deit_small_patch16_224", "deit_base_patch16_224")
 TARGETS = (0.35, 0.5)
 TOLERANCE = 0.02
 CUT_SETS = ((1,), (1, 3, 5), (2, 4), (1, 2, 3), (2, 3, 4, 5), (1, 2, 3, 4, 5))
 RHOS = tuple(round(0.3 + 0.05 * i, 2) for i in range(13))  # 0.3 ... 0.9
 TIMING_CUTS = (3, 6, 9)
-ROUNDS = {1: 60, 8: 25}
+#: (batch, dtype) of the latency cases: the issue's CPU points, and on CUDA also its H100 point
+TIMING_POINTS = {"cpu": ((1, torch.float32), (8, torch.float32)),
+                 "cuda": ((1, torch.float32), (8, torch.float32), (64, torch.float16))}
+ROUNDS = {1: 60, 8: 25, 64: 25}
 METHODS = {"hwnas": "ucc", "tome": "tome", "evit": "evit", "random": "random"}
 ABLATIONS = {"hwnas-spatial": dict(spectral_weight=0.0), "hwnas-spectral": dict(spectral_weight=1.0),
              "hwnas-last": dict(cumulative=False)}
@@ -118,12 +122,11 @@ def latency_rows(device: str = "cpu", quick: bool = False) -> list[dict]:
         torch.manual_seed(0)
         dense = timm.create_model(name, pretrained=False).eval()
         keep, reduction = schedule_for_flops(dense, TIMING_CUTS, 0.5, (3, 224, 224))
-        models = {"dense": dense.to(device)}
-        for impl in ("hwnas", "tome"):
-            models[impl] = apply_token_keep(copy.deepcopy(dense), keep, METHODS[impl]).to(device)
-        for batch in (1, 8):
-            x = torch.randn(batch, 3, 224, 224, device=device)
-            case = {"model": name, "batch": batch, "dtype": "float32", "flops_reduction": 0.5,
+        methods = {impl: apply_token_keep(copy.deepcopy(dense), keep, METHODS[impl]) for impl in ("hwnas", "tome")}
+        for batch, dtype in TIMING_POINTS[torch.device(device).type]:
+            models = {impl: copy.deepcopy(model).to(device, dtype) for impl, model in {"dense": dense, **methods}.items()}
+            x = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
+            case = {"model": name, "batch": batch, "dtype": str(dtype).removeprefix("torch."), "flops_reduction": 0.5,
                     "measured_flops_reduction": round(reduction, 4),
                     "schedule": f"keep {keep[TIMING_CUTS[0]]} at {list(TIMING_CUTS)}"}
             calls = {impl: functools.partial(model, x) for impl, model in models.items()}
@@ -143,7 +146,7 @@ def speedups(samples: dict[str, tuple[float, ...]], impl: str) -> dict[str, dict
 
 def summary(rows: list[dict]) -> Table:
     table = Table(title="token methods at matched FLOPs", title_justify="left")
-    for column in ("model", "FLOPs", "batch", "impl", "accuracy (best schedule)", "median ms (min-max)",
+    for column in ("model", "FLOPs", "batch, dtype", "impl", "accuracy (best schedule)", "median ms (min-max)",
                    "speed-up, paired: median (quartiles)"):
         table.add_column(column, justify="right")
     best: dict[tuple, dict] = {}
@@ -161,6 +164,7 @@ def summary(rows: list[dict]) -> Table:
             speedup = str(Ratio(**metrics["speedup_vs_dense"])) if "speedup_vs_dense" in metrics else ""
             if "speedup_vs_tome" in metrics:
                 speedup += f"; vs tome {Ratio(**metrics['speedup_vs_tome'])}"
-            table.add_row(case["model"], f"−{case['measured_flops_reduction']:.0%}", str(case["batch"]), row["impl"], "",
+            table.add_row(case["model"], f"−{case['measured_flops_reduction']:.0%}",
+                          f"{case['batch']}, {case['dtype']}", row["impl"], "",
                           f"{row['median_ms']:.1f} ({row['min_ms']:.1f}-{row['max_ms']:.1f})", speedup)
     return table

@@ -38,6 +38,7 @@ from hwnas.search.study import RunSettings, StudyDir
 from hwnas.spaces import load_space
 
 MODEL = "swin_tiny_patch4_window7_224"
+DIGITS_CHECKPOINTS = ("digits-swin-windows",)  # the swin-windows preset's model, recorded with the results
 RESOLUTIONS = (224, 672)
 BATCHES = (1, 8)
 UNIFORM = 0.5

@@ -136,6 +136,16 @@ def checkpoint_path(name: str) -> Path:
     return cache_dir() / "models" / f"{name}-{digest}.safetensors"
 
 
+def checkpoint_fingerprint(name: str) -> str | None:
+    """The first 12 hex digits of the SHA-256 of ``name``'s cached weights (None before it is trained).
+
+    Training is seeded, but float rounding differs between CPUs (the same recipe trains different
+    weights on an AMD EPYC and an Intel Xeon), so benchmark records name the weights they measured.
+    """
+    path = checkpoint_path(name)
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.is_file() else None
+
+
 def create_digits_model(name: str, progress: bool = True) -> nn.Module:
     """The trained built-in model ``name`` in eval mode, trained and cached on first use."""
     path = checkpoint_path(name)

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU benchmarks in one prepared command, for a session lent a GPU machine (the device tool).
+#
+#   bash benchmarks/gpu.sh [BENCH...]        # default: kernels models tokens
+#
+# Runs from the repository root on a machine that has torch, triton, timm, rich, pyyaml,
+# safetensors, scikit-learn and nvidia-ml-py but not hwnas itself, nor optuna, pymoo, ray or
+# platformdirs (the benchmarks need none of those). Each benchmark writes its JSON as soon as it
+# ends, as BENCH-GPU.json (GPU: h100, h200, ...) under $OUT (the device tool's folder that comes
+# back) or else benchmarks/results; a benchmark that fails does not stop the next one.
+# DEVICE=cpu QUICK=1 bash benchmarks/gpu.sh is a dry run of the same path on the CPU.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export HWNAS_CACHE_DIR="${HWNAS_CACHE_DIR:-/tmp/hwnas-cache}"
+device="${DEVICE:-cuda}"
+out="${OUT:-benchmarks/results}"
+quick=()
+[ -n "${QUICK:-}" ] && quick=(--quick)
+
+if [ "$device" = cpu ]; then
+  name=cpu-dryrun
+else
+  name=$(python3 -c 'import torch; print(torch.cuda.get_device_name().lower().replace("nvidia ", "").split()[0])') \
+    || { echo "gpu.sh: no CUDA device here" >&2; exit 2; }
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.draw --format=csv || true
+fi
+
+status=0
+benches=("$@")
+[ ${#benches[@]} -eq 0 ] && benches=(kernels models tokens)
+for bench in "${benches[@]}"; do
+  echo "== bench $bench on $device ($name), $(date -u +%H:%M:%S)"
+  python3 -m hwnas bench "$bench" --device "$device" "${quick[@]}" --json "$out/$bench-$name.json" || status=1
+done
+exit $status

@@ -1,0 +1,46 @@
+"""``search bench``: the JSON of DESIGN.md, and the path the lent GPU machine runs (no optuna, pymoo, ray)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from hwnas.bench.record import bench_record
+
+BLOCKER = '''
+import importlib.abc, sys
+class _Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {"optuna", "pymoo", "ray", "platformdirs"}:
+            raise ImportError(f"{name} is not installed on this machine")
+sys.meta_path.insert(0, _Absent())
+'''
+
+
+def test_bench_runs_without_the_search_stack_and_writes_the_design_format(tmp_path):
+    """The GPU machine has torch, triton and timm but not optuna, pymoo, ray or platformdirs (benchmarks/gpu.sh)."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(BLOCKER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), *sys.path]),
+               HWNAS_CACHE_DIR=str(tmp_path / "cache"))
+    out = tmp_path / "kernels.json"
+    check = subprocess.run([sys.executable, "-c", "import optuna"], env=env, capture_output=True, text=True)
+    assert check.returncode != 0 and "not installed" in check.stderr  # the blocker works
+    result = subprocess.run([sys.executable, "-m", "hwnas", "bench", "kernels", "--quick", "--json", str(out)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(out.read_text())
+    assert record["bench"] == "kernels" and record["device"].startswith("cpu") and record["threads"] >= 1
+    assert "checkpoints" not in record  # no built-in model is measured by this benchmark
+    assert {row["impl"] for row in record["results"]} == {"dense", "torch_bsr", "hwnas"}
+    for row in record["results"]:
+        assert set(row["case"]) == {"shape", "batch", "dtype", "sparsity", "block"}
+        assert row["min_ms"] <= row["median_ms"] <= row["max_ms"] and row["repeats"] > 0
+
+
+def test_bench_record_names_the_built_in_weights_it_measured():
+    record = bench_record("tokens", "cpu", [], {"digits-deit": "0123456789ab"})
+    assert record["checkpoints"] == {"digits-deit": "0123456789ab"}
+    assert list(record)[-1] == "results"
