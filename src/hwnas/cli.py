@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune = commands.add_parser("finetune", help="recover an export's accuracy by two-level distillation")
     finetune.add_argument("dir", help="an export (search export ... -o DIR)")
     finetune.add_argument("-o", "--output", required=True, help="new export directory")
-    finetune.add_argument("--epochs", type=int, help="training epochs (default 10)")
+    finetune.add_argument("--epochs", type=int, help="training epochs (default 20)")
     finetune.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     evaluate = commands.add_parser("eval", help="re-measure an exported model")

@@ -38,7 +38,9 @@ from hwnas.models.registry import is_builtin, load_model
 
 SOFT_TEMPERATURE = 4.0
 EXPLORATION_WEIGHT = 0.5
-FINETUNE_RECIPE = TrainRecipe(epochs=10, batch_size=32, lr=2e-4, weight_decay=0.05, warmup_epochs=0.5,
+#: 20 epochs (under a minute on 2 cores): at −51.6 % FLOPs on the Xeon-trained digits DeiT, 10 epochs
+#: recovered 97.56 % of dense 98.67 %, 20 epochs 97.78 %, 30 epochs 98.00 %
+FINETUNE_RECIPE = TrainRecipe(epochs=20, batch_size=32, lr=2e-4, weight_decay=0.05, warmup_epochs=0.5,
                               label_smoothing=0.1, max_rotate_deg=10, max_scale=0.1, max_shift_px=2, seed=2)
 
 
