@@ -13,9 +13,10 @@ token counts alone; the scoring and merging ops add < 1 %).
   each method its best schedule of the family (a method is judged by the best it can do at that
   cost); the JSON holds every schedule.
 * **Latency** (``deit_small_patch16_224``, ``deit_base_patch16_224``, random weights, fp32 at
-  batch 1 and 8, and on CUDA also fp16 at batch 64): dense, ``hwnas`` and ``tome`` with cuts at blocks 3, 6, 9 and ρ bisected to
-  −50 % FLOPs, side by side: interleaved rounds, one call of each per round in shuffled order
-  (``ROUNDS`` per batch size: batch 1 calls are short and their spread wide, so they get more).
+  batch 1 and 8, and on CUDA also fp16 at batch 64): dense, ``hwnas`` and ``tome`` with cuts at
+  blocks 3, 6, 9 and ρ bisected to −50 % FLOPs, side by side: interleaved rounds, one call of
+  each per round in shuffled order (``ROUNDS`` per batch size: batch 1 calls are short and their
+  spread wide, so they get more).
   Speed-ups are paired: per round, the ratio of the two calls' times (so the machine's drift
   cancels), reported as the median and quartiles over the rounds — ``speedup_vs_dense`` for
   both methods, and ``speedup_vs_tome`` for ``hwnas`` (above 1: UCC is faster than ToMe).
@@ -122,9 +123,10 @@ def latency_rows(device: str = "cpu", quick: bool = False) -> list[dict]:
         torch.manual_seed(0)
         dense = timm.create_model(name, pretrained=False).eval()
         keep, reduction = schedule_for_flops(dense, TIMING_CUTS, 0.5, (3, 224, 224))
-        methods = {impl: apply_token_keep(copy.deepcopy(dense), keep, METHODS[impl]) for impl in ("hwnas", "tome")}
+        variants = {"dense": dense}
+        variants.update({impl: apply_token_keep(copy.deepcopy(dense), keep, METHODS[impl]) for impl in ("hwnas", "tome")})
         for batch, dtype in TIMING_POINTS[torch.device(device).type]:
-            models = {impl: copy.deepcopy(model).to(device, dtype) for impl, model in {"dense": dense, **methods}.items()}
+            models = {impl: copy.deepcopy(model).to(device, dtype) for impl, model in variants.items()}
             x = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
             case = {"model": name, "batch": batch, "dtype": str(dtype).removeprefix("torch."), "flops_reduction": 0.5,
                     "measured_flops_reduction": round(reduction, 4),
