@@ -8,11 +8,14 @@
 # platformdirs (the benchmarks need none of those). Each benchmark writes its JSON as soon as it
 # ends, as BENCH-GPU.json (GPU: h100, h200, ...) under $OUT (the device tool's folder that comes
 # back) or else benchmarks/results; a benchmark that fails does not stop the next one.
+# The built-in digits models come from .hwnas-cache/ (git-ignored): copy this machine's cache there
+# (cp -r ~/.cache/hwnas/models .hwnas-cache/) and name .hwnas-cache in the device tool's carry, so
+# the GPU measures the weights the CPU results name and spends no device time training them.
 # DEVICE=cpu QUICK=1 bash benchmarks/gpu.sh is a dry run of the same path on the CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export HWNAS_CACHE_DIR="${HWNAS_CACHE_DIR:-/tmp/hwnas-cache}"
+export HWNAS_CACHE_DIR="${HWNAS_CACHE_DIR:-$PWD/.hwnas-cache}"
 device="${DEVICE:-cuda}"
 out="${OUT:-benchmarks/results}"
 quick=()
