@@ -8,8 +8,8 @@ from pathlib import Path
 
 def cache_dir() -> Path:
     """The user cache directory (``$HWNAS_CACHE_DIR`` overrides it), created on demand."""
-    if os.environ.get("HWNAS_CACHE_DIR"):
-        path = Path(os.environ["HWNAS_CACHE_DIR"])
+    if override := os.environ.get("HWNAS_CACHE_DIR"):
+        path = Path(override)
     else:  # imported here: a machine given only HWNAS_CACHE_DIR needs no platformdirs (the lent GPU machine)
         import platformdirs
 
