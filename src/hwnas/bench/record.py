@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from hwnas.hwprofiles.allocator import allocator_setting
 from hwnas.hwprofiles.latency import Timing, device_name
 
 
@@ -28,6 +29,7 @@ def bench_record(bench: str, device: torch.device | str, results: list[dict],
         "bench": bench,
         "device": device_name(device),
         "threads": torch.get_num_threads(),
+        "allocator": allocator_setting(),
         "torch": torch.__version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -11,6 +11,7 @@ import torch
 from hwnas.errors import HwnasError
 from hwnas.evaluators.data import load_eval_data
 from hwnas.evaluators.metrics import accuracy, count_flops, count_params, fidelity_kl, predict_logits
+from hwnas.hwprofiles.allocator import allocator_setting
 from hwnas.hwprofiles.energy import measure_energy
 from hwnas.hwprofiles.latency import device_name, measure, measure_side_by_side, paired_ratio
 from hwnas.hwprofiles.predictor import predictor_for
@@ -63,7 +64,7 @@ class Evaluator:
     def info(self) -> dict:
         """Where and how measurements are taken (and, with a profile, what is predicted for which device)."""
         info = {"device": device_name(self.device), "batch_size": int(self.settings["batch_size"]),
-                "dtype": self.settings["dtype"], "threads": torch.get_num_threads()}
+                "dtype": self.settings["dtype"], "threads": torch.get_num_threads(), "allocator": allocator_setting()}
         if self.profile is not None:
             info["hwprofile"] = {"name": self.profile.name, "device": self.profile.device,
                                  "source": self.profile.source, "dtype": self.predictor.dtype}

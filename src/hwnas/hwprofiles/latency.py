@@ -1,8 +1,9 @@
 """Latency measurement: warm-up, then the median and spread of repeated runs.
 
-CPU: ``time.perf_counter`` around each call. CUDA: CUDA events around each call, after a
-``torch.cuda.synchronize``; when ``cuda_graph`` is set and shapes are static the call is captured
-once into a CUDA graph and the graph is replayed.
+CPU: ``time.perf_counter`` around each call, with the allocator keeping freed memory
+(``allocator.keep_freed_memory``: no page faults on fresh pages inside the timed calls). CUDA:
+CUDA events around each call, after a ``torch.cuda.synchronize``; when ``cuda_graph`` is set and
+shapes are static the call is captured once into a CUDA graph and the graph is replayed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
 import torch
+
+from hwnas.hwprofiles.allocator import keep_freed_memory
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,7 @@ def measure(
 ) -> Timing:
     """Time ``fn()`` after ``warmup`` calls; return median, min and max over ``repeats`` calls."""
     device = torch.device(device)
+    keep_freed_memory()
     with torch.inference_mode():
         for _ in range(warmup):
             fn()
@@ -114,6 +118,7 @@ def measure_side_by_side(
     device = torch.device(device)
     samples: dict[str, list[float]] = {name: [] for name in fns}
     order = list(fns)
+    keep_freed_memory()
     with torch.inference_mode():
         for fn in fns.values():
             for _ in range(warmup):
