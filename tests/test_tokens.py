@@ -92,7 +92,6 @@ def test_ucc_keeps_the_best_scored_tokens_and_fuses_the_rest_into_the_most_simil
     expected = torch.stack([(patches[0, 0] + patches[0, 2]) / 2, (patches[0, 1] + patches[0, 3]) / 2])
     assert torch.allclose(out.patches[0], expected, atol=1e-6)  # size-weighted means
     assert torch.allclose(out.size[0], torch.tensor([2.0, 2.0]))
-    assert out.owner.tolist() == [[0, 1, 0, 1]]  # every patch of the grid belongs to the token it was fused into
     # the cascade: a kept token inherits the accumulated score of what it absorbed
     assert torch.allclose(out.attention_sum[0], torch.tensor([0.5 + 0.15, 0.3 + 0.05]))
     assert torch.equal(out.x[:, :1], state.x[:, :1])  # class token untouched
@@ -100,20 +99,25 @@ def test_ucc_keeps_the_best_scored_tokens_and_fuses_the_rest_into_the_most_simil
 
 @pytest.mark.parametrize("sized", [False, True])
 def test_ucc_reduce_matches_a_token_by_token_reference(sized):
-    """A batch of images, after an earlier cut (sizes, owners) or before the first: every fused token,
-    size, inherited score and patch owner as written out one image and one token at a time."""
+    """A batch of images, after an earlier cut (sizes, carried spectral energy) or before the first:
+    every fused token, size and inherited score as written out one image and one token at a time."""
     generator = torch.Generator().manual_seed(1)
     batch, count, channels, keep = 3, 9, 5, 4
     patches = torch.randn(batch, count, channels, generator=generator)
     keys = torch.randn(batch, count, 3, generator=generator)
     history = torch.rand(batch, count, generator=generator)
     size = torch.randint(1, 4, (batch, count), generator=generator).float() if sized else None
-    owner = torch.randint(0, count, (batch, 16), generator=generator) if sized else None
-    state = replace(_state(patches, attention_sum=history, observed=2, keys=keys, size=size, owner=owner), grid=(4, 4))
-    out = UccMethod(spectral_weight=0.0).reduce(state, keep)
+    spectral = torch.rand(batch, count, generator=generator) if sized else None
+    state = replace(_state(patches, attention_sum=history, observed=2, keys=keys, size=size, spectral=spectral),
+                    grid=(3, 3))
+    method = UccMethod(spectral_weight=0.3)
+    out = method.reduce(state, keep)
+    if spectral is None:  # the first cut measures it
+        spectral = spectral_energy(patches, (3, 3))
+    score = 0.7 * history / history.sum(1, keepdim=True) + 0.3 * spectral / spectral.sum(1, keepdim=True)
     size = torch.ones(batch, count) if size is None else size
     for b in range(batch):
-        kept = sorted(history[b].argsort(descending=True)[:keep].tolist())
+        kept = sorted(score[b].argsort(descending=True)[:keep].tolist())
         new_of = {k: i for i, k in enumerate(kept)}
         unit = torch.nn.functional.normalize(keys[b], dim=-1)
         for n in range(count):
@@ -126,46 +130,57 @@ def test_ucc_reduce_matches_a_token_by_token_reference(sized):
             torch.testing.assert_close(out.patches[b, i], mean)
             torch.testing.assert_close(out.size[b, i], total)
             torch.testing.assert_close(out.attention_sum[b, i], sum(history[b, n] for n in members))
-        patch_owner = range(count) if owner is None else owner[b].tolist()
-        assert out.owner[b].tolist() == [new_of[n] for n in patch_owner]
+            torch.testing.assert_close(out.spectral[b, i], sum(spectral[b, n] for n in members))
+
+
+def test_ucc_measures_the_spectral_energy_once(monkeypatch):
+    """The first cut measures it on the grid's patches; later cuts use what the fused tokens carry."""
+    torch.manual_seed(0)
+    patches = torch.randn(1, 16, 4)
+    state = replace(_state(patches, attention_sum=torch.rand(1, 16), observed=1, keys=torch.randn(1, 16, 3)),
+                    grid=(4, 4))
+    method = UccMethod()
+    first = method.reduce(state, keep=8)
+    assert torch.allclose(first.spectral.sum(), spectral_energy(patches, (4, 4)).sum())  # nothing is lost by fusing
+
+    def measure_again(*args):
+        raise AssertionError("measured again after the first cut")
+
+    monkeypatch.setattr("hwnas.pruning.token_methods.spectral_energy", measure_again)
+    second = method.reduce(replace(first, keys=torch.randn(1, 8, 3)), keep=4)
+    assert second.spectral.shape == (1, 4) and torch.allclose(second.spectral.sum(), first.spectral.sum())
 
 
 def test_ucc_scores_accumulate_over_blocks():
     """One block's idiosyncrasy does not decide: the running mean of the attention does."""
     method = UccMethod(spectral_weight=0.0)
-    state = _state(torch.randn(1, 4, 2), keys=torch.randn(1, 4, 2))
+    keys = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.2], [1.0, 0.1]]])  # tokens 2 and 3 resemble token 0
+    state = _state(torch.randn(1, 4, 2), keys=keys)
     for attention in [[0.45, 0.35, 0.15, 0.05]] * 4 + [[0.0, 0.0, 0.1, 0.9]]:  # the last block alone would keep 3, 2
-        state = method.observe(state, torch.tensor([attention]), state.keys)
+        state = method.observe(state, torch.tensor([attention]), keys)
     out = method.reduce(state, keep=2)
-    assert out.owner[0, :2].tolist() == [0, 1]  # tokens 0 and 1 stay
-    assert torch.allclose(out.attention_sum.sum(), torch.tensor(5.0))  # 5 blocks: nothing of 2 and 3 is lost
+    # tokens 0 and 1 stay and 2, 3 join 0 (had 2 and 3 stayed, 0 would have joined 3 and 1 joined 2: sizes [2, 2])
+    assert torch.allclose(out.size[0], torch.tensor([3.0, 1.0]))
+    assert torch.allclose(out.attention_sum[0], torch.tensor([1.8 + 0.7 + 1.1, 1.4]))
 
 
 def test_spectral_energy_is_high_on_edges_and_zero_on_flat_regions():
     flat = torch.ones(1, 16, 3)
-    state = TokenState(x=torch.cat([torch.zeros(1, 1, 3), flat], 1), prefix=1, grid=(4, 4))
-    assert torch.allclose(spectral_energy(state), torch.zeros(1, 16), atol=1e-6)  # fp32 rounding of ||x||² = 3
+    assert torch.allclose(spectral_energy(flat, (4, 4)), torch.zeros(1, 16), atol=1e-6)  # fp32 rounding of ||x||² = 3
     edge = flat.clone()
     edge[0, 5] = 5.0  # one bright patch in the middle of the grid
-    state = TokenState(x=torch.cat([torch.zeros(1, 1, 3), edge], 1), prefix=1, grid=(4, 4))
-    energy = spectral_energy(state)[0]
+    energy = spectral_energy(edge, (4, 4))[0]
     assert energy.argmax() == 5 and energy[15] < energy[5] / 4
 
 
-def test_spectral_energy_of_fused_tokens_is_the_mean_over_the_patches_they_cover():
+def test_spectral_energy_is_the_high_pass_residual_per_patch():
     torch.manual_seed(0)
-    patches = torch.randn(2, 7, 5, dtype=torch.float64)
-    owner = torch.randint(0, 7, (2, 16))
-    owner[:, :7] = torch.arange(7)  # every token covers at least one patch
-    state = TokenState(x=torch.cat([torch.zeros(2, 1, 5, dtype=torch.float64), patches], 1), prefix=1, grid=(4, 4),
-                       owner=owner)
-    grid = torch.stack([patches[b, owner[b]] for b in range(2)])  # painted back onto the 4x4 grid
-    basis = low_pass_basis(4, 4).double()
-    energy = (grid - basis @ (basis.T @ grid)).pow(2).sum(-1)  # per patch
-    expected = torch.stack([torch.stack([energy[b, owner[b] == n].mean() for n in range(7)]) for b in range(2)])
-    assert torch.allclose(spectral_energy(state).double(), expected, rtol=1e-4)
-    unfused = replace(state, x=torch.cat([state.x[:, :1], grid], 1), owner=None)  # before any cut: token n is patch n
-    assert torch.allclose(spectral_energy(unfused).double(), energy, rtol=1e-4)
+    grid = torch.randn(2, 12, 5, dtype=torch.float64)
+    basis = low_pass_basis(3, 4).double()
+    expected = (grid - basis @ (basis.T @ grid)).pow(2).sum(-1)
+    assert torch.allclose(spectral_energy(grid, (3, 4)).double(), expected, rtol=1e-4)
+    with pytest.raises(ValueError, match="one token per patch of the 3x4 grid, got 7"):
+        spectral_energy(grid[:, :7], (3, 4))
 
 
 @pytest.mark.parametrize("height, width", [(4, 4), (3, 5), (14, 14)])

@@ -6,23 +6,27 @@ returns a state with ``keep`` patch tokens; prefix tokens (class, registers) alw
 * ``ucc`` (hwnas's method, after UCC): each token's score is ``(1 - β)·spatial + β·spectral``.
   *Spatial* is the class token's attention to it, averaged over heads and accumulated over every
   block it has lived through (a running mean from block 0: one block's idiosyncrasy does not
-  decide its fate). *Spectral* is its high-frequency energy: the current tokens are painted back
-  onto the patch grid (a fused token covers every patch it absorbed), a 2-D FFT filter over the
-  grid (applied as a projection, ``low_pass_basis``) removes the frequencies of radius ≤
-  ``LOW_PASS_RADIUS`` cycles/patch, and a token's score is the mean energy of the residual over
-  its patches — tokens on edges and strokes score high, flat background low. Both parts are
-  normalised to sum to one per image; β = ``SPECTRAL_WEIGHT`` = 0.3 is the best of 0, 0.1, 0.2,
-  0.3 and 0.5 on the digits DeiT's calibration split (270 images, 11 schedules of −35 %/−50 %
-  FLOPs: 2876 correct against 2857 for attention alone). The best ``keep`` tokens are kept and
-  every pruned token is fused into its most similar kept token (cosine of attention keys): a
-  size-weighted mean, and the kept token inherits the pruned one's accumulated score, so the
-  cascade remembers what a fused token absorbed. Later blocks use proportional attention
-  (``+ log size`` on the keys), so a fused token counts for what it holds. Variants measured
-  worse on the same split: weighing a pruned token by its score relative to the weakest kept one
-  (2868), a softmax over similarities instead of the most similar token (≤ 2870), the spectral
-  energy of the attention keys (mean over heads, 6–12x cheaper than the features) at β = 0.1,
-  0.2, 0.3, 0.5 (≤ 2862), or of the features through a fixed random projection to 32 or 64
-  channels (2869–2876: no gain for the approximation).
+  decide its fate). *Spectral* is its high-frequency energy, measured once, at the first cut,
+  while the tokens are still the patches of the grid: a 2-D FFT filter over the grid (applied as a
+  projection, ``low_pass_basis``) removes the frequencies of radius ≤ ``LOW_PASS_RADIUS``
+  cycles/patch, and a token's energy is that of its residual — tokens on edges and strokes score
+  high, flat background low. Both parts are normalised to sum to one per image; β =
+  ``SPECTRAL_WEIGHT`` = 0.3 is the best of 0, 0.1, 0.2, 0.3 and 0.5 on the digits DeiT's
+  calibration split (270 images, 11 schedules of −35 %/−50 % FLOPs: 2876 correct against 2857 for
+  attention alone, on the weights trained on an AMD EPYC; on those trained on an Intel Xeon, with
+  the energy measured once, 0, 0.1, 0.2, 0.3 and 0.5 all score 2830–2840). The best ``keep``
+  tokens are kept and every pruned token is fused into its most similar kept token (cosine of
+  attention keys): a size-weighted mean, and the kept token inherits the pruned one's accumulated
+  attention and spectral energy, so the cascade remembers what a fused token absorbed. Later
+  blocks use proportional attention (``+ log size`` on the keys), so a fused token counts for what
+  it holds. Variants measured worse or no better on the same split: weighing a pruned token by its
+  score relative to the weakest kept one (2868), a softmax over similarities instead of the most
+  similar token (≤ 2870), the spectral energy of the attention keys (mean over heads, 6–12x
+  cheaper than the features) at β = 0.1, 0.2, 0.3, 0.5 (≤ 2862), or of the features through a
+  fixed random projection to 32 or 64 channels (2869–2876). Measuring the spectral energy again at
+  every cut, with each fused token painted back onto the patches it covers, scored 2823 against
+  2831 for measuring it once (on the weights trained on an Intel Xeon; 7582 against 7581 on all
+  720 held-out images) and took 0.85–1.0 ms more per later cut on deit_small at batch 8.
 * ``tome``: ToMe's bipartite soft matching (training-free): alternate tokens form two sets, each
   token of A its most similar of B, the most similar pairs are merged (size-weighted mean),
   repeated until ``keep`` remain; proportional attention.
@@ -60,8 +64,8 @@ class TokenState:
     the patch tokens only: ``size [B, N]`` how many patches each stands for (None: all 1),
     ``attention [B, N]`` the class token's attention in the last observed block,
     ``attention_sum`` its sum over the observed blocks (``observed`` of them), ``keys [B, N, D]``
-    the last block's attention keys (mean over heads), ``owner [B, P]`` which current token each
-    original patch belongs to.
+    the last block's attention keys (mean over heads), ``spectral [B, N]`` the high-frequency
+    energy measured at the first cut (summed over the tokens a fused token absorbed).
     """
 
     x: Tensor
@@ -72,7 +76,7 @@ class TokenState:
     attention_sum: Tensor | None = None
     observed: int = 0
     keys: Tensor | None = None
-    owner: Tensor | None = None
+    spectral: Tensor | None = None
 
     @property
     def patches(self) -> Tensor:
@@ -124,11 +128,11 @@ class UccMethod(TokenMethod):
         spatial = _normalised(state.attention_sum / state.observed if self.cumulative else state.attention)
         if self.spectral_weight == 0.0:
             return spatial
-        spectral = _normalised(spectral_energy(state))
-        return (1.0 - self.spectral_weight) * spatial + self.spectral_weight * spectral
+        return (1.0 - self.spectral_weight) * spatial + self.spectral_weight * _normalised(state.spectral)
 
     def reduce(self, state: TokenState, keep: int) -> TokenState:
-        batch = state.x.shape[0]
+        if self.spectral_weight > 0.0 and state.spectral is None:  # the first cut: the tokens are the grid's patches
+            state = replace(state, spectral=spectral_energy(state.patches, state.grid))
         ranked = self.scores(state).argsort(dim=1, descending=True)
         # the kept tokens in their original order, then the pruned ones: every per-token table is gathered once
         order = torch.cat([ranked[:, :keep].sort(dim=1).values, ranked[:, keep:]], dim=1)
@@ -137,12 +141,10 @@ class UccMethod(TokenMethod):
         rows = gather_rows(state.patches, order, self.use_triton)
         size = None if state.size is None else state.size.gather(1, order)
         merged, merged_size = _fuse(rows, size, keep, target, self.use_triton)
-        history = state.attention_sum.gather(1, order)
-        history = history[:, :keep].scatter_add(1, target, history[:, keep:])
-        destination = torch.cat([torch.arange(keep, device=order.device).expand(batch, -1), target], dim=1)
-        new_index = torch.empty_like(order).scatter_(1, order, destination)  # old token -> new token
-        owner = new_index if state.owner is None else new_index.gather(1, state.owner)
-        return state.with_patches(merged, size=merged_size, owner=owner, attention_sum=history, keys=None, attention=None)
+        history = _inherited(state.attention_sum, order, keep, target)
+        spectral = None if state.spectral is None else _inherited(state.spectral, order, keep, target)
+        return state.with_patches(merged, size=merged_size, attention_sum=history, spectral=spectral, keys=None,
+                                  attention=None)
 
 
 class TomeMethod(TokenMethod):
@@ -196,40 +198,21 @@ def token_method(name: str, **options) -> TokenMethod:
         raise HwnasError(f"unknown token method '{name}' (known: {', '.join(TOKEN_METHODS)})") from None
 
 
-def spectral_energy(state: TokenState) -> Tensor:
-    """Per patch token [B, N], the mean high-pass energy over the grid patches it covers.
+def spectral_energy(patches: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Per patch token [B, P] (token p is patch p of ``grid``), the energy of its high-pass residual.
 
-    With U the low-pass basis [P, r] (``low_pass_basis``), a grid signal g has the residual
-    g - U Uᵀ g. The grid is S x, with S [P, N] painting the tokens x onto the patches they cover
-    (the identity before the first cut), and patch p's energy is ||x_n - U_p Z||² with Z = Uᵀ S x
-    and n the token owning p. Expanded, a token's energy summed over its patches is
-    |n|·||x_n||² - 2 (SᵀU)_n·(x_n Zᵀ) + Σ_p U_p Z Zᵀ U_pᵀ, so the large matmuls run on the N
-    current tokens instead of the P painted patches (3x faster at N ≈ P/2 on DeiT-S, batch 8) and
-    no [B, P, C] residual is ever formed.
+    With U the low-pass basis [P, r] (``low_pass_basis``) the grid signal x has the residual
+    x - U Z, Z = Uᵀ x. Patch p's energy ||x_p - U_p Z||² expands to
+    ||x_p||² - 2 U_p·(x_p Zᵀ) + U_p Z Zᵀ U_pᵀ: thin matmuls, and no [B, P, C] residual is formed.
     """
-    x = state.patches.float()
-    batch, count, _ = x.shape
-    basis = low_pass_basis(*state.grid, str(x.device))  # U [P, r]
-    if state.owner is None:  # token n is patch n: S is the identity
-        def per_token(values: Tensor) -> Tensor:
-            return values
-    else:
-        per_token = functools.partial(_sum_by_owner, state.owner, count)
-    painted_basis = per_token(basis.expand(batch, -1, -1))  # SᵀU [B, N, r]
-    low = painted_basis.transpose(1, 2) @ x  # Z [B, r, C]
-    gram = low @ low.transpose(1, 2)  # [B, r, r]
-    covered = per_token(x.new_ones(batch, basis.shape[0]))
-    total = (covered * x.square().sum(-1) - 2 * (painted_basis * (x @ low.transpose(1, 2))).sum(-1)
-             + per_token(((basis @ gram) * basis).sum(-1)))
-    return total.clamp_min(0.0) / covered.clamp_min(1.0)
-
-
-def _sum_by_owner(owner: Tensor, count: int, values: Tensor) -> Tensor:
-    """Sum per-patch ``values [B, P]`` or ``[B, P, D]`` into their owning tokens: [B, N] or [B, N, D]."""
-    totals = values.new_zeros(values.shape[0], count, *values.shape[2:])
-    if values.dim() == 2:
-        return totals.scatter_add_(1, owner, values)
-    return scatter_add_rows_(totals, owner, values.contiguous())
+    x = patches.float()
+    basis = low_pass_basis(*grid, str(x.device))  # U [P, r]
+    if x.shape[1] != basis.shape[0]:
+        raise ValueError(f"spectral_energy needs one token per patch of the {grid[0]}x{grid[1]} grid, got {x.shape[1]}")
+    low = basis.T @ x  # Z [B, r, C]
+    total = (x.square().sum(-1) - 2 * (basis * (x @ low.transpose(1, 2))).sum(-1)
+             + ((basis @ (low @ low.transpose(1, 2))) * basis).sum(-1))
+    return total.clamp_min(0.0)
 
 
 @functools.lru_cache(maxsize=16)
@@ -256,6 +239,12 @@ def low_pass_basis(height: int, width: int, device: str = "cpu") -> Tensor:
 def _normalised(score: Tensor) -> Tensor:
     score = score.float().clamp_min(0.0)
     return score / score.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def _inherited(score: Tensor, order: Tensor, keep: int, target: Tensor) -> Tensor:
+    """Per-token ``score [B, N]`` after a cut: each kept token's own plus that of the tokens fused into it."""
+    score = score.gather(1, order)
+    return score[:, :keep].scatter_add(1, target, score[:, keep:])
 
 
 def _sizes(state: TokenState, patches: Tensor) -> Tensor:
