@@ -64,7 +64,8 @@ class Evaluator:
     def info(self) -> dict:
         """Where and how measurements are taken (and, with a profile, what is predicted for which device)."""
         info = {"device": device_name(self.device), "batch_size": int(self.settings["batch_size"]),
-                "dtype": self.settings["dtype"], "threads": torch.get_num_threads(), "allocator": allocator_setting()}
+                "dtype": self.settings["dtype"], "threads": torch.get_num_threads(),
+                "allocator": allocator_setting()}
         if self.profile is not None:
             info["hwprofile"] = {"name": self.profile.name, "device": self.profile.device,
                                  "source": self.profile.source, "dtype": self.predictor.dtype}

@@ -35,9 +35,11 @@ def keep_freed_memory() -> str:
     except (OSError, AttributeError, TypeError):  # not glibc (macOS, musl): leave its allocator alone
         return SYSTEM_DEFAULT
     version.restype = ctypes.c_char_p
-    if not (libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)):
+    if not (libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+            and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)):
         return SYSTEM_DEFAULT
-    return f"glibc {version().decode()}: freed memory kept (mmap threshold 32 MiB, trim threshold 1 GiB)"
+    return (f"glibc {version().decode()}: freed memory kept (mmap threshold {MMAP_THRESHOLD_BYTES >> 20} MiB, "
+            f"trim threshold {TRIM_THRESHOLD_BYTES >> 30} GiB)")
 
 
 def allocator_setting() -> str:
