@@ -217,3 +217,9 @@ def test_database_records_the_second_order_loss_of_each_level(vit_and_db, tmp_pa
         assert db.losses[name][0] == 0 and 0 < db.losses[name][1] < db.losses[name][-1]
     loaded = LayerDatabase.load(db.save(tmp_path / "db.safetensors"))
     assert loaded.losses == db.losses and loaded.output_energy == db.output_energy
+
+
+def test_database_progress_goes_to_stderr(capsys):
+    """stdout carries results (the front table, piped to files); progress bars belong on stderr."""
+    LayerDatabase.build(tiny_vit(), [torch.randn(4, 3, 32, 32) for _ in range(2)], block=16, progress=True)
+    assert capsys.readouterr().out == ""

@@ -3,8 +3,11 @@
 import json
 
 import pytest
+import torch
 
 from hwnas.cli import main
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 
 
 def run_cli(capsys, *argv):
@@ -26,7 +29,9 @@ def assert_one_line(err: str, expected: str):
     (["run", "--budget", "speed=1ms", "--out", "{tmp}/a"], "unknown budget 'speed'"),
     (["run", "--optimizer", "annealing", "--out", "{tmp}/a"], "unknown optimizer 'annealing'"),
     (["run", "--objectives", "accuracy,beauty", "--out", "{tmp}/a"], "unknown objective 'beauty'"),
-    (["run", "--device", "tpu", "--out", "{tmp}/a", "--workers", "0"], "unknown device 'tpu'"),
+    (["run", "--device", "tpu", "--out", "{tmp}/a"], "unknown device 'tpu'"),
+    pytest.param(["run", "--device", "cuda", "--out", "{tmp}/a"], "CUDA is not available", marks=NO_CUDA),
+    (["eval", "{tmp}", "--threads", "0"], "--threads must be at least 1"),
     (["run", "--resume", "{tmp}/nothing"], "is not a study directory"),
     (["show", "{tmp}"], "has no pareto.json"),
     (["export", "{tmp}", "-o", "{tmp}/out"], "is not a study directory"),

@@ -114,9 +114,12 @@ def test_export_loads_and_matches_the_evaluated_candidate(budget_run, tmp_path):
     assert measured["flops"] == manifest["metrics"]["flops"]
     assert measured["latency_ms"] > 0  # its value is a timing, compared in benchmarks, not here
 
+    manifest["hardware"]["threads"] = 1  # as a worker of --workers 2 measures: eval times the same way
+    (export / "hwnas.json").write_text(json.dumps(manifest))
     result = search("eval", str(export))
     assert result.returncode == 0, result.stderr
     assert "latency_ms" in result.stdout and "recorded by the study" in result.stdout
+    assert "1 thread)" in result.stdout
 
     tuned = tmp_path / "tuned"
     result = search("finetune", str(export), "-o", str(tuned), "--epochs", "1", "--no-progress")

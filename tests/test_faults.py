@@ -19,6 +19,7 @@ import ray
 import torch
 from optuna.trial import TrialState
 
+from hwnas.errors import HwnasError
 from hwnas.evaluators.pool import FaultPolicy, RayPool
 from hwnas.search.runner import SearchRun
 from hwnas.search.study import RunSettings, StudyDir
@@ -159,6 +160,13 @@ def test_a_study_survives_every_fault_with_each_trial_complete_or_failed(log_dir
     assert pool.replaced == 2  # the crashed and the hung worker
     points = json.loads((study_dir.path / "pareto.json").read_text())["points"]
     assert points and all(p["metrics"]["accuracy"] == p["metrics"]["accuracy"] for p in points)  # no NaN
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a Ray cluster without GPUs")
+def test_a_worker_no_node_can_host_is_an_error_not_a_wait(log_dir):
+    """Ray would leave an actor asking for a GPU pending forever on a CPU-only cluster."""
+    with pytest.raises(HwnasError, match=r"no Ray node can run a worker, which needs \d+ CPUs? and 1 GPU"):
+        RayPool(SPACE, workers=1, device="cuda", actor_class=faulty_actor(log_dir))
 
 
 def test_run_settings_carry_the_fault_policy():

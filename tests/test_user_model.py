@@ -9,9 +9,11 @@ import timm
 import torch
 from PIL import Image
 
+from hwnas.cli import _validate as validate
 from hwnas.errors import HwnasError
 from hwnas.evaluators.evaluator import Evaluator
-from hwnas.models.registry import load_checkpoint
+from hwnas.models.registry import load_checkpoint, load_model
+from hwnas.search.study import RunSettings
 from hwnas.spaces import space_from_dict
 
 pytestmark = pytest.mark.slow
@@ -74,3 +76,17 @@ def test_torch_checkpoints_load_with_weights_only(user_files, tmp_path):
     torch.save({"state_dict": Payload()}, tmp_path / "evil.pth")
     with pytest.raises(HwnasError, match="not a readable"):
         load_checkpoint(model, tmp_path / "evil.pth")
+
+
+def test_a_model_without_checkpoint_is_the_same_in_every_process(capsys):
+    """Ray workers, export and eval each build the model: without a checkpoint its random weights must agree."""
+    first = load_model({"name": MODEL}).state_dict()
+    torch.rand(1)  # whatever the global generator's state, the weights are seeded
+    second = load_model({"name": MODEL}).state_dict()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+    space = space_from_dict({"name": "user", "model": {"name": MODEL}, "data": {"name": "default"},
+                             "dimensions": [{"name": "keep", "transform": "token_keep", "targets": [4],
+                                             "values": [0.5, 1.0]}]})
+    validate(space, RunSettings())
+    assert "has no checkpoint: its weights are random" in capsys.readouterr().err

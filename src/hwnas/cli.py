@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--labels", default="none", help="for --data DIR: none | folder | imagenet")
     evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--energy", action="store_true", help="also measure energy (NVML or RAPL)")
+    evaluate.add_argument("--threads", type=int, help="CPU threads (default: as many as the study measured with)")
 
     bench = commands.add_parser("bench", help="run a benchmark; write its JSON")
     bench.add_argument("name", choices=BENCHES)
@@ -193,7 +194,8 @@ def _target_profile(settings, spec: str) -> None:
 
 def _validate(space, settings) -> None:
     """Fail fast, before any model is trained or Ray started, on settings that cannot work."""
-    from hwnas.models.registry import build_arch
+    from hwnas.evaluators.evaluator import resolve_device
+    from hwnas.models.registry import build_arch, is_builtin
     from hwnas.pruning.apply import check_space
     from hwnas.search.optimizers import OPTIMIZERS
 
@@ -211,7 +213,12 @@ def _validate(space, settings) -> None:
         raise HwnasError("--workers must be 0 (in-process) or more")
     if settings.trial_timeout < 0 or settings.retries < 0:
         raise HwnasError("--trial-timeout and --retries must be 0 or more")
+    if not settings.ray_address:  # a cluster may have GPUs this machine lacks: the pool checks its nodes
+        resolve_device(settings.device)
     check_space(build_arch(space.model), space)
+    if not is_builtin(space.model["name"]) and not space.model.get("checkpoint"):
+        _say(f"search: model {space.model['name']} has no checkpoint: its weights are random (seeded), so accuracy "
+             "and fidelity describe no trained model; latency and energy do not depend on the values")
     if settings.hwprofile:  # the profile can price the space's dtype
         from hwnas.evaluators.evaluator import DEFAULT_MEASURE
         from hwnas.hwprofiles.predictor import predictor_for
@@ -299,8 +306,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     out = export_model(args.dir, args.output, trial=args.trial, pick=args.pick)
     manifest = read_manifest(out)
-    Console(stderr=True).print(f"exported trial {manifest['trial']} to {out}/model.safetensors + hwnas.json; "
-                               f"load it with hwnas.load('{out}')", markup=False)
+    _say(f"exported trial {manifest['trial']} to {out}/model.safetensors + hwnas.json; load it with hwnas.load('{out}')")
     return 0
 
 
@@ -317,9 +323,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from hwnas.export.remeasure import remeasure
     from hwnas.search.objectives import format_metric
 
-    recorded, measured, info = remeasure(args.dir, args.data, args.labels, args.device, args.energy)
-    table = Table(title=f"{args.dir} · {info['device']} (batch {info['batch_size']}, {info['threads']} threads)",
-                  title_justify="left")
+    if args.threads is not None and args.threads < 1:
+        raise HwnasError("--threads must be at least 1")
+    recorded, measured, info = remeasure(args.dir, args.data, args.labels, args.device, args.energy, args.threads)
+    threads = f"{info['threads']} thread{'' if info['threads'] == 1 else 's'}"
+    table = Table()
     for column in ("metric", "recorded by the study", "measured now"):
         table.add_column(column, justify="right")
     for metric, value in measured.items():
@@ -327,7 +335,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             continue
         before = recorded.get(metric)
         table.add_row(metric, "-" if before is None else format_metric(metric, before), format_metric(metric, value))
-    _console().print(table)
+    console = _console()
+    console.print(f"{args.dir} · {info['device']} (batch {info['batch_size']}, {threads})", markup=False)
+    console.print(table)
     return 0
 
 
@@ -343,7 +353,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     path = write_record(bench_record(args.name, args.device, results, checkpoints), args.json)
     _console().print(module.summary(results))
     figure = f" and {module.plot(results, path.with_suffix('.png'))}" if hasattr(module, "plot") else ""
-    Console(stderr=True).print(f"wrote {len(results)} measurements to {path}{figure}", markup=False)
+    _say(f"wrote {len(results)} measurements to {path}{figure}")
     return 0
 
 

@@ -8,15 +8,22 @@ from hwnas.spaces import space_from_dict
 
 
 def remeasure(path: str, data: str | None = None, labels: str = "none", device: str = "cpu",
-              energy: bool = False) -> tuple[dict, dict, dict]:
+              energy: bool = False, threads: int | None = None) -> tuple[dict, dict, dict]:
     """(recorded metrics, measured metrics, measurement info) of the export at ``path``.
 
     ``data`` is ``None``/``"default"`` for the space's own data, or an ImageFolder directory.
+    ``threads`` defaults, on the CPU, to the thread count the study measured with (a worker of
+    ``--workers N`` had its share of the cores), so the two columns compare.
     """
     manifest = read_manifest(path)
     model = load(path)
     source = dict(manifest["space"])
     if data and data != "default":
         source["data"] = {"imagefolder": data, "labels": labels}
+    recorded = manifest.get("hardware", {})
+    if threads is None and device == "cpu" and str(recorded.get("device", "")).startswith("cpu"):
+        threads = recorded.get("threads")
+    if threads:
+        source["measure"] = {**source.get("measure", {}), "threads": int(threads)}
     evaluator = Evaluator(space_from_dict(source, origin=f"{path}/hwnas.json"), device=device, energy=energy)
     return manifest.get("metrics", {}), evaluator.measure_model(model), evaluator.info()

@@ -20,6 +20,7 @@ from typing import Callable
 import safetensors.torch
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -215,7 +216,7 @@ def train_model(model: nn.Module, splits: DigitsSplits, recipe: TrainRecipe, des
         else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
                TextColumn("{task.fields[status]}"), TimeElapsedColumn())
-    with Progress(*columns, disable=not progress, transient=True) as bar:
+    with Progress(*columns, console=Console(stderr=True), disable=not progress, transient=True) as bar:
         task = bar.add_task(description, total=recipe.epochs, status="")
         for _ in range(recipe.epochs):
             model.train()

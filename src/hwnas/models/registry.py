@@ -21,8 +21,12 @@ def is_builtin(name: str) -> bool:
     return name in BUILTIN_MODELS
 
 
+#: untrained weights come from this seed, so every process (Ray workers, export, eval) builds the same model
+INIT_SEED = 0
+
+
 def build_arch(spec: dict) -> nn.Module:
-    """The model's architecture with untrained weights (exports load their weights into it)."""
+    """The model's architecture with untrained weights, the same in every process (exports load theirs into it)."""
     name = spec["name"]
     if is_builtin(name):
         return build_digits_arch(name).eval()
@@ -30,7 +34,9 @@ def build_arch(spec: dict) -> nn.Module:
         raise HwnasError(f"unknown model '{name}': not a built-in ({', '.join(BUILTIN_MODELS)}) "
                          "nor a timm model name (see timm.list_models())")
     try:
-        return timm.create_model(name, pretrained=False, **spec.get("kwargs", {})).eval()
+        with torch.random.fork_rng():
+            torch.manual_seed(INIT_SEED)
+            return timm.create_model(name, pretrained=False, **spec.get("kwargs", {})).eval()
     except TypeError as exc:
         raise HwnasError(f"model '{name}': bad kwargs {spec.get('kwargs')}: {exc}") from None
 

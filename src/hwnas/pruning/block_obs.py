@@ -400,9 +400,10 @@ class _ProgressBar:
     def __init__(self, enabled: bool, label: str, total: int | None):
         self._progress = None
         if enabled:
+            from rich.console import Console
             from rich.progress import Progress
 
-            self._progress = Progress(transient=True)
+            self._progress = Progress(console=Console(stderr=True), transient=True)
             self._task = self._progress.add_task(label, total=total)
 
     def __enter__(self) -> _ProgressBar:
