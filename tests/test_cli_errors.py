@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from hwnas.cli import main
+from hwnas.hwprofiles.energy import energy_counter
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+NO_RAPL = pytest.mark.skipif(energy_counter("cpu") is not None, reason="needs a CPU without a readable RAPL counter")
 
 
 def run_cli(capsys, *argv):
@@ -50,6 +52,15 @@ def test_bad_arguments(capsys, tmp_path, argv, expected):
     code, err = run_cli(capsys, *[a.replace("{tmp}", str(tmp_path)) for a in argv])
     assert code == 2
     assert_one_line(err, expected)
+
+
+@NO_RAPL
+def test_energy_without_a_counter_fails_before_the_study_exists(capsys, tmp_path):
+    """Failing at the baseline would leave a study whose fixed objectives can never be resumed."""
+    code, err = run_cli(capsys, "run", "--objectives", "accuracy,energy", "--out", str(tmp_path / "a"))
+    assert code == 2
+    assert_one_line(err, "no energy counter on cpu")
+    assert not (tmp_path / "a").exists()
 
 
 @pytest.mark.parametrize("text, expected", [

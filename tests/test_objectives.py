@@ -4,6 +4,7 @@ import pytest
 
 from hwnas.errors import HwnasError
 from hwnas.search.objectives import as_predicted, parse_budget, parse_objectives
+from hwnas.search.study import RunSettings
 
 
 def test_budget_units():
@@ -65,3 +66,14 @@ def test_a_relative_latency_budget_compares_with_the_dense_model():
     assert parse_budget("energy_predicted=50%").limits == {"energy_mj_predicted_vs_dense": 0.5}
     with pytest.raises(HwnasError, match="or % of dense"):
         parse_budget("latency=2x")
+
+
+def test_what_a_study_reads_and_whether_it_measures_energy():
+    settings = RunSettings(objectives="accuracy,latency_vs_dense", budget="accuracy_drop=1%,energy=50%")
+    assert settings.metrics_read() == ["accuracy", "latency_ms", "accuracy", "energy_mj"]
+    assert settings.measures_energy()  # a relative energy limit reads the measured energy
+    assert not RunSettings(objectives="accuracy,latency").measures_energy()
+    # the cost model's predicted energy is fitted on measurements; a hardware profile prices it without any
+    assert RunSettings(objectives="accuracy,energy_predicted").measures_energy()
+    assert not RunSettings(objectives="accuracy,energy_predicted", hwprofile={"name": "h100"}).measures_energy()
+    assert RunSettings(objectives="accuracy,energy", hwprofile={"name": "cpu-here"}).measures_energy()

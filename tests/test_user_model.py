@@ -11,6 +11,7 @@ from PIL import Image
 
 from hwnas.cli import _validate as validate
 from hwnas.errors import HwnasError
+from hwnas.evaluators.data import load_imagefolder
 from hwnas.evaluators.evaluator import Evaluator
 from hwnas.models.registry import load_checkpoint, load_model
 from hwnas.search.study import RunSettings
@@ -90,3 +91,11 @@ def test_a_model_without_checkpoint_is_the_same_in_every_process(capsys):
                                              "values": [0.5, 1.0]}]})
     validate(space, RunSettings())
     assert "has no checkpoint: its weights are random" in capsys.readouterr().err
+
+
+def test_more_class_folders_than_model_classes_is_an_error(user_files):
+    root, _ = user_files
+    single = timm.create_model(MODEL, pretrained=False, num_classes=1)
+    with pytest.raises(HwnasError, match="has 2 class folders but the model predicts 1 classes"):
+        load_imagefolder(root / "images", single, labels="folder")
+    assert load_imagefolder(root / "images", timm.create_model(MODEL, num_classes=2), labels="folder").test_y is not None

@@ -192,9 +192,14 @@ def _target_profile(settings, spec: str) -> None:
         _say(f"search: {profile.describe()} is not this machine: latency and energy are predicted from its profile")
 
 
-def _validate(space, settings) -> None:
-    """Fail fast, before any model is trained or Ray started, on settings that cannot work."""
+def _validate(space, settings, profiled: bool = False) -> None:
+    """Fail fast, before any model is trained or Ray started, on settings that cannot work.
+
+    ``profiled``: each study will target a hardware profile (compare), which decides what is measured here.
+    """
     from hwnas.evaluators.evaluator import resolve_device
+    from hwnas.hwprofiles.energy import energy_counter
+    from hwnas.hwprofiles.latency import device_name
     from hwnas.models.registry import build_arch, is_builtin
     from hwnas.pruning.apply import check_space
     from hwnas.search.optimizers import OPTIMIZERS
@@ -213,8 +218,11 @@ def _validate(space, settings) -> None:
         raise HwnasError("--workers must be 0 (in-process) or more")
     if settings.trial_timeout < 0 or settings.retries < 0:
         raise HwnasError("--trial-timeout and --retries must be 0 or more")
-    if not settings.ray_address:  # a cluster may have GPUs this machine lacks: the pool checks its nodes
-        resolve_device(settings.device)
+    if not settings.ray_address:  # on a cluster, the GPUs and counters of the workers' nodes are what count
+        device = resolve_device(settings.device)
+        if not profiled and settings.measures_energy() and energy_counter(device) is None:
+            raise HwnasError(f"no energy counter on {device_name(device)} (NVML, or RAPL under /sys/class/powercap): "
+                             "drop the energy objective/budget, or predict energy for a profiled device with --hwprofile")
     check_space(build_arch(space.model), space)
     if not is_builtin(space.model["name"]) and not space.model.get("checkpoint"):
         _say(f"search: model {space.model['name']} has no checkpoint: its weights are random (seeded), so accuracy "
@@ -239,7 +247,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     space = load_space(args.space)
     settings = RunSettings(budget=args.budget, optimizer=args.optimizer, trials=args.trials, seed=args.seed,
                            workers=args.workers, device=args.device)
-    _validate(space, settings)
+    _validate(space, settings, profiled=True)
     results = compare(space, args.hwprofile, args.out, args.trials, args.budget, args.optimizer, args.seed,
                       args.workers, args.device, _console(stderr=True), progress=not args.no_progress)
     budget_set = bool(parse_budget(args.budget).limits)

@@ -81,6 +81,10 @@ def load_imagefolder(root: str | Path, model: nn.Module, labels: str = "none", c
     x = torch.stack(images)
     y = None
     if labels == "folder":
+        folders, classes = len(dataset.reader.class_to_idx), getattr(model, "num_classes", None)
+        if classes is not None and folders > classes:
+            raise HwnasError(f"image folder {root} has {folders} class folders but the model predicts {classes} "
+                             f"classes (labels: folder maps the sorted folders to classes 0..{folders - 1})")
         y = torch.tensor(targets)
     elif labels == "imagenet":
         info = ImageNetInfo()

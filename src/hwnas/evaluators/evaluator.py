@@ -101,8 +101,9 @@ class Evaluator:
             idle_w = self.profile.power_w.get("idle") if self.profile is not None else None  # measured here
             energy = measure_energy(call, self.device, idle_w=idle_w)
             if energy is None:
-                raise HwnasError(f"no energy counter on {device_name(self.device)} (NVML or RAPL); "
-                                 "drop the energy objective/budget")
+                raise HwnasError(f"no energy counter on {device_name(self.device)} (NVML, or RAPL under "
+                                 "/sys/class/powercap): drop the energy objective/budget, or predict energy for a "
+                                 "profiled device with --hwprofile")
             images = len(self.latency_input)
             metrics["energy_mj"] = energy.mj_per_call / images  # per image
             if energy.above_idle_mj_per_call is not None:

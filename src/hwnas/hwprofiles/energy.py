@@ -32,7 +32,7 @@ def measure_energy(fn: Callable[[], object], device: torch.device | str, min_sec
     """Run ``fn`` repeatedly for at least ``min_seconds`` and read the device's energy counter around it
     (``counter``: a ``(read_mj, source)`` pair, by default the device's NVML or RAPL counter)."""
     device = torch.device(device)
-    counter = counter or (_nvml_counter(device) if device.type == "cuda" else rapl_counter())
+    counter = counter or energy_counter(device)
     if counter is None:
         return None
     read, source = counter
@@ -52,6 +52,12 @@ def measure_energy(fn: Callable[[], object], device: torch.device | str, min_sec
         used_mj = read() - start_mj
     above_idle = None if idle_w is None else (used_mj - idle_w * seconds * 1e3) / calls
     return Energy(used_mj / calls, source, calls, seconds, above_idle)
+
+
+def energy_counter(device: torch.device | str):
+    """The device's energy counter as ``(read_mj, source)``: NVML on CUDA, RAPL on the CPU; None if unreadable."""
+    device = torch.device(device)
+    return _nvml_counter(device) if device.type == "cuda" else rapl_counter()
 
 
 def _nvml_counter(device: torch.device):

@@ -14,17 +14,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from hwnas.errors import HwnasError
 from hwnas.hwprofiles.cost_model import CostModel, design_configs, random_configs
-from hwnas.search.objectives import RELATIVE
 from hwnas.spaces import Config, config_hash
 
 COST_MODEL_FILE = "cost_model.json"
-
-
-def study_metrics(study_dir) -> list[str]:
-    """The metrics the objectives and the budget read (a relative limit or objective reads its metric, an
-    accuracy drop reads accuracy)."""
-    limits = ["accuracy" if m == "accuracy_drop" else m for m in study_dir.budget.limits]
-    return [m.removesuffix(RELATIVE) for m in [o.metric for o in study_dir.objectives] + limits]
 
 
 def needs_cost_model(study_dir) -> bool:
@@ -33,7 +25,7 @@ def needs_cost_model(study_dir) -> bool:
         return True
     if study_dir.settings.hwprofile:  # the evaluator predicts from the hardware profile
         return False
-    return any(m.endswith("_predicted") for m in study_metrics(study_dir))
+    return any(m.endswith("_predicted") for m in study_dir.settings.metrics_read())
 
 
 def study_cost_model(study_dir, pool, baseline: dict, console: Console, progress: bool = True) -> CostModel | None:
@@ -42,7 +34,7 @@ def study_cost_model(study_dir, pool, baseline: dict, console: Console, progress
         return None
     path = study_dir.path / COST_MODEL_FILE
     model = CostModel.load(path) if path.is_file() else _fit(study_dir, pool, baseline, console, progress)
-    missing = [m for m in study_metrics(study_dir) if m.endswith("_predicted") and m not in model.metrics]
+    missing = [m for m in study_dir.settings.metrics_read() if m.endswith("_predicted") and m not in model.metrics]
     if missing:
         raise HwnasError(f"the cost model predicts {', '.join(model.metrics)} only: {missing[0]} needs "
                          f"{missing[0].removesuffix('_predicted')} measurements to fit on (an energy counter)")

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hwnas.errors import BudgetError, HwnasError
-from hwnas.search.costs import study_cost_model, study_metrics
+from hwnas.search.costs import study_cost_model
 from hwnas.search.objectives import LATENCY_VS_DENSE, format_metric
 from hwnas.search.optimizers import Proposal, enqueued_trial, make_optimizer
 from hwnas.search.pareto import Record, hypervolume, pareto_front
@@ -136,7 +136,8 @@ class SearchRun:
         return PredictedBudget(space, self.budget, baseline["metrics"], cost_model)
 
     def _check_metrics(self, metrics: dict) -> None:
-        missing = [m for m in study_metrics(self.dir) if m not in metrics and not m.endswith("_predicted")]  # the cost model's
+        read = self.dir.settings.metrics_read()
+        missing = [m for m in read if m not in metrics and not m.endswith("_predicted")]  # the cost model's
         if missing:
             hint = " (the data has no labels: use --objectives fidelity,latency)" if "accuracy" in missing else ""
             raise HwnasError(f"this evaluation does not measure {', '.join(missing)}{hint}")
@@ -277,14 +278,12 @@ def run_study(study_dir: StudyDir, console: Console, progress: bool = True) -> R
     console.print(f"study {study_dir.path}: {settings.optimizer}, {settings.trials} trials, "
                   f"objectives {settings.objectives}, budget {study_dir.budget.describe()}", markup=False)
     _prepare(study_dir.space, progress)
-    # energy is measured for energy_mj and for the cost model's energy_mj_predicted, which is fitted on it
-    energy = any(m in ("energy_mj", "energy_mj_predicted") for m in study_metrics(study_dir))
     source = study_dir.space.source
     # a relative limit or objective holds on a drifting machine when each candidate is timed beside dense
     if LATENCY_VS_DENSE in [o.metric for o in study_dir.objectives] + list(study_dir.budget.limits):
         source = {**source, "measure": {**(source.get("measure") or {}), "versus_dense": True}}
-    pool = make_pool(source, settings.workers, settings.device, settings.ray_address, energy, settings.fault_policy(),
-                     settings.hwprofile)
+    pool = make_pool(source, settings.workers, settings.device, settings.ray_address, settings.measures_energy(),
+                     settings.fault_policy(), settings.hwprofile)
     try:
         return SearchRun(study_dir, pool, console, progress=progress).run()
     finally:

@@ -18,7 +18,7 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from hwnas.errors import HwnasError
-from hwnas.search.objectives import Budget, Objective, parse_budget, parse_objectives
+from hwnas.search.objectives import RELATIVE, Budget, Objective, parse_budget, parse_objectives
 from hwnas.search.pareto import Record
 from hwnas.spaces import Space, space_from_dict
 
@@ -49,6 +49,18 @@ class RunSettings:
 
     def parsed_budget(self) -> Budget:
         return parse_budget(self.budget)
+
+    def metrics_read(self) -> list[str]:
+        """The metrics the objectives and the budget read (a relative limit or objective reads its metric, an
+        accuracy drop reads accuracy)."""
+        limits = ["accuracy" if m == "accuracy_drop" else m for m in self.parsed_budget().limits]
+        return [m.removesuffix(RELATIVE) for m in [o.metric for o in self.parsed_objectives()] + limits]
+
+    def measures_energy(self) -> bool:
+        """Whether the study measures energy: for ``energy_mj``, and, where no hardware profile prices it, for
+        the cost model's ``energy_mj_predicted``, which is fitted on measurements."""
+        measured = ("energy_mj",) if self.hwprofile else ("energy_mj", "energy_mj_predicted")
+        return any(metric in measured for metric in self.metrics_read())
 
     def target(self, profile) -> bool:
         """Predict latency and energy on ``profile`` (a ``HardwareProfile``). Where it is not this machine,
