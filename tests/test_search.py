@@ -186,3 +186,15 @@ def test_the_front_speedup_prefers_the_ratio_measured_side_by_side():
     assert speedup({"latency_ms": 40.0}, dense) == 2.0
     assert speedup({"latency_ms_predicted": 5.0}, {"latency_ms_predicted": 10.0}) == 2.0
     assert math.isnan(speedup({"accuracy": 0.9}, dense))
+
+
+@pytest.mark.parametrize("optimizer", ["nsga2", "optuna-nsga2", "optuna-tpe", "random"])
+def test_a_space_smaller_than_the_trial_count_ends_once_exhausted(tmp_path, optimizer):
+    """Two grid points, one of them the baseline: one trial measures the rest; none is measured twice."""
+    space = {**SPACE, "dimensions": [{"name": "keep", "transform": "token_keep", "targets": [1], "values": [0.5, 1.0]}]}
+    settings = RunSettings(optimizer=optimizer, trials=6, seed=1)
+    study_dir = StudyDir.create(tmp_path / "study", space_from_dict(space), settings)
+    pool = FormulaPool()
+    summary = SearchRun(study_dir, pool, progress=False).run()
+    assert sorted(pool.evaluated) == sorted({config_hash({"keep.1": 1.0}), config_hash({"keep.1": 0.5})})
+    assert {"keep.1": 0.5} in [r.config for r in summary.front]

@@ -96,6 +96,17 @@ def test_identity_stays_unpruned_when_the_grid_lacks_it():
      "dimensions\\[0\\].values"),
     ("name: x\nmodel: digits-deit\ndimensions:\n - {name: k, transform: token_keep, targets: [1], values: [1.0], order: up}",
      "dimensions\\[0\\].order"),
+
+    *[(f"name: x\nmodel: digits-deit\nmeasure: {{{setting}}}\n"
+       "dimensions:\n - {name: k, transform: token_keep, targets: [1], values: [0.5, 1.0]}", message)
+      for setting, message in [
+          ("batch_size: 0", r"measure.batch_size: expected an integer >= 1, got 0"),
+          ("repeats: 2.5", r"measure.repeats: expected an integer >= 1, got 2.5"),
+          ("warmup: -1", r"measure.warmup: expected an integer >= 0"),
+          ("threads: 0", r"measure.threads: expected an integer >= 1"),
+          ("dtype: float8", r"measure.dtype: expected one of float32, float16, bfloat16, got 'float8'"),
+          ("versus_dense: maybe", r"measure.versus_dense: expected true or false"),
+      ]],
 ])
 def test_yaml_errors_name_file_and_key(tmp_path, text, message):
     path = tmp_path / "space.yaml"

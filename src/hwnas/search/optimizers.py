@@ -119,8 +119,10 @@ class PymooNSGA2:
         self._population: Population | None = None
 
     def ask(self, study: optuna.Study, n: int) -> list[Proposal]:
-        """One generation (``n`` is ignored: NSGA-II proposes whole generations)."""
+        """One generation (``n`` is ignored: NSGA-II proposes whole generations); none once the space is exhausted."""
         self._population = self.algorithm.ask()
+        if self._population is None:  # pymoo found no individual it has not seen: a small space, all proposed
+            return []
         proposals = []
         for x in self._population.get("X"):
             config = self.space.decode(x)

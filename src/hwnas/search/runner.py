@@ -93,7 +93,8 @@ class SearchRun:
                     stalled = stalled + 1 if len(self.records) == before else 0
                     if stalled >= MAX_STALLED_BATCHES:
                         self.console.print(f"[yellow]the optimizer proposed no new configuration in "
-                                           f"{MAX_STALLED_BATCHES} batches: the space looks exhausted")
+                                           f"{MAX_STALLED_BATCHES} batches: the space "
+                                           f"({self.dir.space.size():,} grid points) looks exhausted")
                         break
             except KeyboardInterrupt:
                 self._interrupt(in_flight)
@@ -174,7 +175,7 @@ class SearchRun:
                 proposal.metrics = {**proposal.metrics, **self.cost_model.predict(proposal.config)}
             self._record(proposal)
             on_record()
-        if getattr(self.optimizer, "generational", False) and all(p.metrics or p.error for p in batch):
+        if getattr(self.optimizer, "generational", False) and batch and all(p.metrics or p.error for p in batch):
             self.optimizer.tell(batch, np.array([self._minimised(p) for p in batch]))
 
     def _fill_from(self, proposal: Proposal, cached: Record) -> None:

@@ -55,6 +55,23 @@ _DIM_KEYS = {"name", "transform", "targets", "values", "order", "stages"}
 _MEASURE_KEYS = {"batch_size", "warmup", "repeats", "threads", "dtype", "versus_dense"}
 
 
+_MEASURE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _check_measure(measure: dict, fail) -> None:
+    """Each measurement setting has a usable value (a bad one would surface as an internal error mid-study)."""
+    for key, least in (("batch_size", 1), ("repeats", 1), ("warmup", 0), ("threads", 1)):
+        value = measure.get(key)
+        if value is None and key == "threads":
+            continue  # threads: null keeps torch's default
+        if key in measure and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise fail(f"measure.{key}", f"expected an integer >= {least}, got {value!r}")
+    if "dtype" in measure and measure["dtype"] not in _MEASURE_DTYPES:
+        raise fail("measure.dtype", f"expected one of {', '.join(_MEASURE_DTYPES)}, got {measure['dtype']!r}")
+    if "versus_dense" in measure and not isinstance(measure["versus_dense"], bool):
+        raise fail("measure.versus_dense", f"expected true or false, got {measure['versus_dense']!r}")
+
+
 def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("hwnas.presets").iterdir() if p.name.endswith(".yaml"))
 
@@ -111,6 +128,7 @@ def space_from_dict(data: dict, origin: str = "<mapping>") -> Space:
     measure = data.get("measure") or {}
     if not isinstance(measure, dict) or set(measure) - _MEASURE_KEYS:
         raise fail("measure", f"expected a mapping with keys among {', '.join(sorted(_MEASURE_KEYS))}")
+    _check_measure(measure, fail)
     raw_dims = data["dimensions"]
     if not isinstance(raw_dims, list) or not raw_dims:
         raise fail("dimensions", "expected a non-empty list")
