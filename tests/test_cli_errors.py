@@ -73,6 +73,13 @@ def test_energy_without_a_counter_fails_before_the_study_exists(capsys, tmp_path
      "block 0 has no earlier attention"),
     ("name: x\nmodel: digits-deit\ndimensions:\n - {name: k, transform: token_keep, targets: [40], values: [0.5, 1.0]}",
      "not a block index"),
+
+    ("name: x\nmodel: digits-deit\ndata: {imagefolder: /no/such/folder}\n"
+     "dimensions:\n - {name: k, transform: token_keep, targets: [1], values: [0.5, 1.0]}",
+     "image folder /no/such/folder does not exist"),
+    ("name: x\nmodel: deit_tiny_patch16_224\n"
+     "dimensions:\n - {name: k, transform: token_keep, targets: [1], values: [0.5, 1.0]}",
+     "has no default data: give data: {imagefolder: DIR}"),
 ])
 def test_bad_space_files(capsys, tmp_path, text, expected):
     space = tmp_path / "space.yaml"

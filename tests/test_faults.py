@@ -18,6 +18,7 @@ import pytest
 import ray
 import torch
 from optuna.trial import TrialState
+from PIL import Image
 
 from hwnas.errors import HwnasError
 from hwnas.evaluators.pool import FaultPolicy, RayPool
@@ -167,6 +168,18 @@ def test_a_worker_no_node_can_host_is_an_error_not_a_wait(log_dir):
     """Ray would leave an actor asking for a GPU pending forever on a CPU-only cluster."""
     with pytest.raises(HwnasError, match=r"no Ray node can run a worker, which needs \d+ CPUs? and 1 GPU"):
         RayPool(SPACE, workers=1, device="cuda", actor_class=faulty_actor(log_dir))
+
+
+def test_bad_input_found_by_a_starting_worker_is_one_line(log_dir, tmp_path):
+    """Ray keeps only the text of an actor's construction error; the pool still raises the HwnasError itself."""
+    (tmp_path / "images" / "one").mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(tmp_path / "images" / "one" / "0.png")
+    space = {"name": "one-image", "model": {"name": "deit_tiny_patch16_224"},
+             "data": {"imagefolder": str(tmp_path / "images")},
+             "dimensions": [{"name": "keep", "transform": "token_keep", "targets": [4], "values": [0.5, 1.0]}]}
+    with pytest.raises(HwnasError) as info:
+        RayPool(space, workers=1)
+    assert str(info.value) == f"image folder {tmp_path / 'images'} holds 1 image(s); need at least 2"
 
 
 def test_run_settings_carry_the_fault_policy():

@@ -79,14 +79,14 @@ def test_torch_checkpoints_load_with_weights_only(user_files, tmp_path):
         load_checkpoint(model, tmp_path / "evil.pth")
 
 
-def test_a_model_without_checkpoint_is_the_same_in_every_process(capsys):
+def test_a_model_without_checkpoint_is_the_same_in_every_process(user_files, capsys):
     """Ray workers, export and eval each build the model: without a checkpoint its random weights must agree."""
     first = load_model({"name": MODEL}).state_dict()
     torch.rand(1)  # whatever the global generator's state, the weights are seeded
     second = load_model({"name": MODEL}).state_dict()
     assert all(torch.equal(first[name], second[name]) for name in first)
 
-    space = space_from_dict({"name": "user", "model": {"name": MODEL}, "data": {"name": "default"},
+    space = space_from_dict({"name": "user", "model": {"name": MODEL}, "data": {"imagefolder": str(user_files[0])},
                              "dimensions": [{"name": "keep", "transform": "token_keep", "targets": [4],
                                              "values": [0.5, 1.0]}]})
     validate(space, RunSettings())

@@ -197,6 +197,7 @@ def _validate(space, settings, profiled: bool = False) -> None:
 
     ``profiled``: each study will target a hardware profile (compare), which decides what is measured here.
     """
+    from hwnas.evaluators.data import check_data_spec
     from hwnas.evaluators.evaluator import resolve_device
     from hwnas.hwprofiles.energy import energy_counter
     from hwnas.hwprofiles.latency import device_name
@@ -224,6 +225,7 @@ def _validate(space, settings, profiled: bool = False) -> None:
             raise HwnasError(f"no energy counter on {device_name(device)} (NVML, or RAPL under /sys/class/powercap): "
                              "drop the energy objective/budget, or predict energy for a profiled device with --hwprofile")
     check_space(build_arch(space.model), space)
+    check_data_spec(space.data, space.model)
     if not is_builtin(space.model["name"]) and not space.model.get("checkpoint"):
         _say(f"search: model {space.model['name']} has no checkpoint: its weights are random (seeded), so accuracy "
              "and fidelity describe no trained model; latency and energy do not depend on the values")

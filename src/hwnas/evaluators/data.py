@@ -36,17 +36,25 @@ class EvalData:
         return tuple(self.test_x.shape[1:])
 
 
-def load_eval_data(data: dict, model_spec: dict, model: nn.Module) -> EvalData:
-    """Resolve a space's ``data:`` mapping for the given model."""
+def check_data_spec(data: dict, model_spec: dict) -> None:
+    """Raise on a space's ``data:`` mapping that cannot load, without reading an image (so a study fails first)."""
     if "imagefolder" in data:
-        return load_imagefolder(data["imagefolder"], model, data.get("labels", "none"),
-                                float(data.get("calib_fraction", 0.5)), data.get("max_images"))
+        _check_imagefolder(Path(data["imagefolder"]), data.get("labels", "none"), data.get("max_images"))
+        return
     name = data.get("name", "default")
     if name != "default":
         raise HwnasError(f"unknown data '{name}': use 'default' or {{imagefolder: DIR}}")
     if not is_builtin(model_spec["name"]):
         raise HwnasError(f"model '{model_spec['name']}' has no default data: give data: {{imagefolder: DIR}} "
                          "(the default data is the digits set of the built-in models)")
+
+
+def load_eval_data(data: dict, model_spec: dict, model: nn.Module) -> EvalData:
+    """Resolve a space's ``data:`` mapping for the given model."""
+    check_data_spec(data, model_spec)
+    if "imagefolder" in data:
+        return load_imagefolder(data["imagefolder"], model, data.get("labels", "none"),
+                                float(data.get("calib_fraction", 0.5)), data.get("max_images"))
     splits = load_digits_splits(img_size=int(model.patch_embed.img_size[0]))
     return EvalData("digits", splits.calib_x, splits.test_x, splits.test_y)
 
@@ -58,12 +66,7 @@ def load_imagefolder(root: str | Path, model: nn.Module, labels: str = "none", c
     from timm.data import ImageDataset, ImageNetInfo, create_transform, resolve_data_config
 
     root = Path(root)
-    if not root.is_dir():
-        raise HwnasError(f"image folder {root} does not exist")
-    if max_images is not None and (not isinstance(max_images, int) or max_images < 2):
-        raise HwnasError(f"data max_images must be an integer >= 2, got {max_images!r}")
-    if labels not in LABEL_MODES:
-        raise HwnasError(f"data labels '{labels}' unknown (use one of {', '.join(LABEL_MODES)})")
+    _check_imagefolder(root, labels, max_images)
     embed = getattr(model, "patch_embed", None)  # the size the model was built for, e.g. img_size=672
     size, proj = getattr(embed, "img_size", None), getattr(embed, "proj", None)
     args = {"input_size": (proj.in_channels, *size)} if size is not None and proj is not None else {}
@@ -99,3 +102,12 @@ def load_imagefolder(root: str | Path, model: nn.Module, labels: str = "none", c
     n_calib = max(1, min(len(x) - 1, round(calib_fraction * len(x))))
     calib, test = order[:n_calib], order[n_calib:]
     return EvalData(root.name, x[calib], x[test], None if y is None else y[test])
+
+
+def _check_imagefolder(root: Path, labels: str, max_images) -> None:
+    if not root.is_dir():
+        raise HwnasError(f"image folder {root} does not exist")
+    if max_images is not None and (not isinstance(max_images, int) or max_images < 2):
+        raise HwnasError(f"data max_images must be an integer >= 2, got {max_images!r}")
+    if labels not in LABEL_MODES:
+        raise HwnasError(f"data labels '{labels}' unknown (use one of {', '.join(LABEL_MODES)})")

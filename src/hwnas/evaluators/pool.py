@@ -114,7 +114,13 @@ class RayPool:
         self._dead: set[int] = set()  # slots whose replacement failed to start
         self._dead_reason = ""
         # every worker ready (model, data, databases loaded), or fail early with the actor's own message
-        self._info = ray.get([actor.info.remote() for actor in self.actors])[0]
+        try:
+            self._info = ray.get([actor.info.remote() for actor in self.actors])[0]
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, HwnasError):  # bad input, told in its own line
+                self.close()
+                raise exc.cause from None
+            raise
 
     def info(self) -> dict:
         return self._info
@@ -231,9 +237,16 @@ class _EvaluatorActor:
         import torch
 
         torch.set_num_threads(threads)
-        self.evaluator = Evaluator(space_from_dict(space_source), device=device, energy=energy, hwprofile=hwprofile)
+        self.evaluator, self.bad_input = None, None
+        try:
+            self.evaluator = Evaluator(space_from_dict(space_source), device=device, energy=energy,
+                                       hwprofile=hwprofile)
+        except HwnasError as exc:  # Ray keeps only the text of an actor's construction error: info() raises it
+            self.bad_input = exc
 
     def info(self) -> dict:
+        if self.bad_input is not None:
+            raise self.bad_input
         return self.evaluator.info()
 
     def evaluate(self, config: Config) -> dict[str, float]:
