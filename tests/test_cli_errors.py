@@ -34,6 +34,8 @@ def assert_one_line(err: str, expected: str):
     (["run", "--device", "tpu", "--out", "{tmp}/a"], "unknown device 'tpu'"),
     pytest.param(["run", "--device", "cuda", "--out", "{tmp}/a"], "CUDA is not available", marks=NO_CUDA),
     (["eval", "{tmp}", "--threads", "0"], "--threads must be at least 1"),
+    (["profile", "-o", "{tmp}"], "it is a directory"),
+    (["bench", "tokens", "--json", "/dev/null/t.json"], "cannot write /dev/null/t.json: /dev/null is not a directory"),
     (["run", "--resume", "{tmp}/nothing"], "is not a study directory"),
     (["show", "{tmp}"], "has no pareto.json"),
     (["export", "{tmp}", "-o", "{tmp}/out"], "is not a study directory"),
@@ -119,3 +121,11 @@ def test_bad_hardware_profile(capsys, tmp_path, text, expected):
     code, err = run_cli(capsys, "run", "--hwprofile", str(tmp_path / "p.yaml"), "--out", str(tmp_path / "a"))
     assert code == 2
     assert_one_line(err, expected)
+
+
+def test_a_path_that_cannot_be_read_is_bad_input(capsys, tmp_path):
+    (tmp_path / "config.yaml").mkdir()
+    (tmp_path / "study.db").touch()
+    code, err = run_cli(capsys, "run", "--resume", str(tmp_path))
+    assert code == 2
+    assert_one_line(err, f"{tmp_path / 'config.yaml'}: Is a directory")

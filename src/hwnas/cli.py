@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import os
+from pathlib import Path
 import sys
 
 from rich.console import Console
@@ -126,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # an internal error: one line unless debugging
         if os.environ.get("HWNAS_DEBUG"):
             raise
+        if isinstance(exc, OSError) and exc.filename is not None:  # a path that cannot be read or written
+            _say(f"search: error: {exc.filename}: {exc.strerror}")
+            return 2
         _say(f"search: internal error: {type(exc).__name__}: {exc} (set HWNAS_DEBUG=1 for the traceback)")
         return 1
 
@@ -134,6 +138,19 @@ def _console(stderr: bool = False) -> Console:
     """A console of the terminal's width, or 160 columns when piped to a file or a log."""
     console = Console(stderr=stderr)
     return console if console.is_terminal else Console(stderr=stderr, width=160)
+
+
+def _check_writable(path: str) -> None:
+    """Fail before minutes of measuring, not after, when the output file cannot be written."""
+    path = Path(path)
+    if path.parent.exists() and not path.parent.is_dir():
+        raise HwnasError(f"cannot write {path}: {path.parent} is not a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HwnasError(f"cannot write {path}: {exc.strerror}") from None
+    if path.is_dir() or not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise HwnasError(f"cannot write {path}: " + ("it is a directory" if path.is_dir() else "permission denied"))
 
 
 def _say(line: str) -> None:
@@ -288,6 +305,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from hwnas.hwprofiles.profile import write_profile
 
     device = str(resolve_device(args.device))
+    _check_writable(args.output)
     profile = measure_profile(device, args.name, quick=args.quick)
     path = write_profile(profile, args.output)
     power = ", ".join(f"{k} {v:.0f} W" for k, v in profile.power_w.items()) or "no power counter"
@@ -357,6 +375,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from hwnas.bench.record import bench_record, write_record
     from hwnas.models.digits import checkpoint_fingerprint
 
+    _check_writable(args.json)
     module = importlib.import_module(f"hwnas.bench.{args.name}")
     results = module.run(device=args.device, quick=args.quick)
     checkpoints = {name: checkpoint_fingerprint(name) for name in getattr(module, "DIGITS_CHECKPOINTS", ())}
