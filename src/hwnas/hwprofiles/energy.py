@@ -54,7 +54,7 @@ def measure_energy(fn: Callable[[], object], device: torch.device | str, min_sec
     return Energy(used_mj / calls, source, calls, seconds, above_idle)
 
 
-def energy_counter(device: torch.device | str):
+def energy_counter(device: torch.device | str) -> tuple[Callable[[], float], str] | None:
     """The device's energy counter as ``(read_mj, source)``: NVML on CUDA, RAPL on the CPU; None if unreadable."""
     device = torch.device(device)
     return _nvml_counter(device) if device.type == "cuda" else rapl_counter()

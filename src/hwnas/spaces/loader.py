@@ -53,8 +53,6 @@ TRANSFORMS: dict[str, Any] = {
 _TOP_KEYS = {"name", "description", "model", "data", "measure", "dimensions"}
 _DIM_KEYS = {"name", "transform", "targets", "values", "order", "stages"}
 _MEASURE_KEYS = {"batch_size", "warmup", "repeats", "threads", "dtype", "versus_dense"}
-
-
 _MEASURE_DTYPES = ("float32", "float16", "bfloat16")
 
 
