@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
     profile.add_argument("--name", help="profile name (default cpu-measured / cuda-measured)")
     profile.add_argument("--quick", action="store_true", help="fewer points and repeats")
+    profile.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     show = commands.add_parser("show", help="print the Pareto front of a study")
     show.add_argument("dir")
@@ -306,7 +307,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     device = str(resolve_device(args.device))
     _check_writable(args.output)
-    profile = measure_profile(device, args.name, quick=args.quick)
+    profile = measure_profile(device, args.name, quick=args.quick, progress=not args.no_progress)
     path = write_profile(profile, args.output)
     power = ", ".join(f"{k} {v:.0f} W" for k, v in profile.power_w.items()) or "no power counter"
     _console().print(f"{profile.device}: peak {', '.join(f'{d} {t:.3g} TFLOP/s' for d, t in profile.peak_tflops.items())}; "

@@ -18,9 +18,13 @@ GPU's power limit as TDP. Timings are medians after warm-up (``hwprofiles.latenc
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hwnas.hwprofiles.latency import device_name, measure
 from hwnas.hwprofiles.predictor import interpolate, trace_ops
@@ -33,24 +37,41 @@ ATTENTION_SHAPES = [(batch, heads, tokens) for heads in (3, 12) for tokens in (1
 BYTES = tuple(2 ** k for k in range(14, 27, 2))
 
 
-def measure_profile(device: str = "cpu", name: str | None = None, quick: bool = False) -> HardwareProfile:
-    """Measure ``device`` (``cpu`` or ``cuda[:i]``) into a profile; ``quick`` measures fewer points."""
+def measure_profile(device: str = "cpu", name: str | None = None, quick: bool = False,
+                    progress: bool = False) -> HardwareProfile:
+    """Measure ``device`` (``cpu`` or ``cuda[:i]``) into a profile; ``quick`` measures fewer points.
+    ``progress`` shows a bar on stderr (a full CPU profile takes about half a minute)."""
     dev = torch.device(device)
     dtypes = ["float16", "bfloat16", "float32"] if dev.type == "cuda" else ["float32"]
     repeats = 3 if quick else 11
     rows = GEMM_ROWS[:3] if quick else GEMM_ROWS
-    tables = {dtype: _tables(dev, getattr(torch, dtype), rows, repeats) for dtype in dtypes}
     main = "float16" if dev.type == "cuda" else "float32"
+    steps = len(dtypes) * (2 * len(GEMM_SHAPES) * len(rows) + len(ATTENTION_SHAPES) + 2 * len(BYTES)) + 3
+    columns = (TextColumn(f"[bold]profiling[/] {escape(device_name(dev))}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), disable=not progress, transient=True) as bar:
+        task = bar.add_task("profile", total=steps)
+
+        def advance(steps: int = 1) -> None:
+            bar.advance(task, steps)
+
+        tables = {dtype: _tables(dev, getattr(torch, dtype), rows, repeats, advance) for dtype in dtypes}
+        overhead_us = _operator_overhead_us(dev, repeats)
+        advance()
+        sparse_efficiency = _block_sparse_efficiency(dev, getattr(torch, main), tables[main]["gemm"], repeats)
+        advance()
+        power_w = _power(dev)
+        advance()
     elementwise = tables[main]["elementwise"]
     return HardwareProfile(
         name=name or ("cpu-measured" if dev.type == "cpu" else "cuda-measured"),
         device=device_name(dev), kind=dev.type, source="measured",
         peak_tflops={d: max(p.rate for p in t["gemm"]) / 1e12 for d, t in tables.items()},
         memory_bandwidth_gbs=max(elementwise, key=lambda p: p.size).rate / 1e9,
-        launch_overhead_us=_operator_overhead_us(dev, repeats),
-        power_w=_power(dev),
+        launch_overhead_us=overhead_us,
+        power_w=power_w,
         gemm_efficiency=1.0,
-        block_sparse_efficiency=_block_sparse_efficiency(dev, getattr(torch, main), tables[main]["gemm"], repeats),
+        block_sparse_efficiency=sparse_efficiency,
         threads=torch.get_num_threads() if dev.type == "cpu" else None,
         tables=tables)
 
@@ -59,7 +80,8 @@ def _seconds(fn, device: torch.device, repeats: int) -> float:
     return measure(fn, device, warmup=2, repeats=repeats).median_ms / 1e3
 
 
-def _tables(device: torch.device, dtype: torch.dtype, rows: tuple[int, ...], repeats: int) -> dict:
+def _tables(device: torch.device, dtype: torch.dtype, rows: tuple[int, ...], repeats: int,
+            advance: Callable[[int], None]) -> dict:
     def randn(*shape):
         return torch.randn(*shape, device=device, dtype=dtype)
 
@@ -70,17 +92,20 @@ def _tables(device: torch.device, dtype: torch.dtype, rows: tuple[int, ...], rep
                 x, w, b = randn(m, k), randn(n, k), randn(n)
                 flops = 2.0 * m * k * n
                 gemm.append(CostPoint(flops, flops / _seconds(lambda: F.linear(x, w, b), device, repeats)))
+                advance()
     for batch, heads, tokens in ATTENTION_SHAPES:
         q, k, v = (randn(batch, heads, tokens, 64) for _ in range(3))
         flops = 4.0 * batch * heads * tokens * tokens * 64
         attention.append(CostPoint(flops, flops / _seconds(lambda: F.scaled_dot_product_attention(q, k, v),
                                                            device, repeats)))
+        advance()
     itemsize = torch.empty((), dtype=dtype).element_size()
     for moved in BYTES:
         a, b = randn(moved // (3 * itemsize)), randn(moved // (3 * itemsize))  # add: reads two, writes one
         elementwise.append(CostPoint(float(moved), moved / _seconds(lambda: a + b, device, repeats)))
         g = randn(moved // (2 * itemsize))  # gelu: reads one, writes one
         activation.append(CostPoint(float(moved), moved / _seconds(lambda: F.gelu(g), device, repeats)))
+        advance(2)
     return {"gemm": gemm, "attention": attention, "activation": activation, "elementwise": elementwise}
 
 
