@@ -198,3 +198,25 @@ def test_a_space_smaller_than_the_trial_count_ends_once_exhausted(tmp_path, opti
     summary = SearchRun(study_dir, pool, progress=False).run()
     assert sorted(pool.evaluated) == sorted({config_hash({"keep.1": 1.0}), config_hash({"keep.1": 0.5})})
     assert {"keep.1": 0.5} in [r.config for r in summary.front]
+
+
+class PredictedPool(FormulaPool):
+    """A study on absent hardware: latency is predicted from a profile, never measured."""
+
+    def evaluate(self, configs):
+        for outcome in super().evaluate(configs):
+            outcome.metrics["latency_ms_predicted"] = outcome.metrics.pop("latency_ms")
+            yield outcome
+
+
+def test_export_picks_by_predicted_latency_on_absent_hardware(tmp_path):
+    from hwnas.export.exporter import choose_trial
+
+    settings = RunSettings(objectives="accuracy,latency_predicted", trials=8, seed=1, hwprofile={"name": "absent"})
+    study_dir = StudyDir.create(tmp_path / "study", space_from_dict(SPACE), settings)
+    summary = SearchRun(study_dir, PredictedPool(), progress=False).run()
+    chosen = choose_trial(study_dir, None, None)  # --pick latency, the default
+    fastest = min(summary.front, key=lambda r: r.metrics["latency_ms_predicted"])
+    assert chosen["config"] == fastest.config
+    with pytest.raises(HwnasError, match="--pick energy: the study has no energy_mj"):
+        choose_trial(study_dir, None, "energy")

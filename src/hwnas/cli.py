@@ -359,11 +359,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     table = Table()
     for column in ("metric", "recorded by the study", "measured now"):
         table.add_column(column, justify="right")
-    for metric, value in measured.items():
+    for metric in [*measured, *(m for m in recorded if m not in measured)]:  # then what only the study has
         if metric.endswith(("_min", "_max")):
             continue
-        before = recorded.get(metric)
-        table.add_row(metric, "-" if before is None else format_metric(metric, before), format_metric(metric, value))
+        before, now = recorded.get(metric), measured.get(metric)
+        table.add_row(metric, "-" if before is None else format_metric(metric, before),
+                      "-" if now is None else format_metric(metric, now))
     console = _console()
     console.print(f"{args.dir} · {info['device']} (batch {info['batch_size']}, {threads})", markup=False)
     console.print(table)

@@ -47,11 +47,13 @@ def choose_trial(study_dir: StudyDir, trial: int | None, pick: str | None) -> di
     points = document["points"]
     if not points:
         raise HwnasError(f"{study_dir.path} has no feasible point to export")
-    metric = PICKS.get(pick or "latency")
-    if metric is None:
+    pick = pick or "latency"
+    if pick not in PICKS:
         raise HwnasError(f"unknown --pick '{pick}' (use one of {', '.join(PICKS)})")
-    if metric not in points[0]["metrics"]:
-        raise HwnasError(f"--pick {pick}: the study did not measure {metric}")
+    # on absent hardware a study has the predicted latency and energy only
+    metric = next((m for m in (PICKS[pick], f"{PICKS[pick]}_predicted") if m in points[0]["metrics"]), None)
+    if metric is None:
+        raise HwnasError(f"--pick {pick}: the study has no {PICKS[pick]} (measured or predicted)")
     if metric == "latency_ms" and all(LATENCY_VS_DENSE in p["metrics"] for p in points):
         metric = LATENCY_VS_DENSE  # timed side by side with the dense model: what drift between trials leaves alone
     best = max if metric == "accuracy" else min
