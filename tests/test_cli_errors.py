@@ -34,6 +34,7 @@ def assert_one_line(err: str, expected: str):
     (["run", "--device", "tpu", "--out", "{tmp}/a"], "unknown device 'tpu'"),
     pytest.param(["run", "--device", "cuda", "--out", "{tmp}/a"], "CUDA is not available", marks=NO_CUDA),
     (["eval", "{tmp}", "--threads", "0"], "--threads must be at least 1"),
+    (["run", "--workers", "999", "--out", "{tmp}/a"], "--workers 999: this machine has"),
     (["profile", "-o", "{tmp}"], "it is a directory"),
     (["bench", "tokens", "--json", "/dev/null/t.json"], "cannot write /dev/null/t.json: /dev/null is not a directory"),
     (["run", "--resume", "{tmp}/nothing"], "is not a study directory"),

@@ -164,10 +164,15 @@ def test_a_study_survives_every_fault_with_each_trial_complete_or_failed(log_dir
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a Ray cluster without GPUs")
-def test_a_worker_no_node_can_host_is_an_error_not_a_wait(log_dir):
-    """Ray would leave an actor asking for a GPU pending forever on a CPU-only cluster."""
-    with pytest.raises(HwnasError, match=r"no Ray node can run a worker, which needs \d+ CPUs? and 1 GPU"):
+def test_workers_ray_cannot_place_are_an_error_not_a_wait(log_dir):
+    """Ray would leave an actor it cannot place pending forever: asking for a GPU on a CPU-only cluster, or
+    more workers than cores (each worker times on its own cores, so they are not oversubscribed)."""
+    with pytest.raises(HwnasError, match=r"Ray can place 0 of the 1 workers, each needing \d+ CPUs? and 1 GPU"):
         RayPool(SPACE, workers=1, device="cuda", actor_class=faulty_actor(log_dir))
+    ray.shutdown()
+    cores = os.cpu_count()
+    with pytest.raises(HwnasError, match=f"Ray can place {cores} of the {cores + 1} workers, each needing 1 CPU "):
+        RayPool(SPACE, workers=cores + 1, actor_class=faulty_actor(log_dir))
 
 
 def test_bad_input_found_by_a_starting_worker_is_one_line(log_dir, tmp_path):

@@ -235,6 +235,10 @@ def _validate(space, settings, profiled: bool = False) -> None:
         raise HwnasError("--trials must be at least 1")
     if settings.workers < 0:
         raise HwnasError("--workers must be 0 (in-process) or more")
+    cores = os.cpu_count() or 1
+    if not settings.ray_address and settings.workers > cores:
+        raise HwnasError(f"--workers {settings.workers}: this machine has {cores} cores and each worker times on "
+                         f"its own; use --workers {cores} or fewer (or --ray-address for a cluster)")
     if settings.trial_timeout < 0 or settings.retries < 0:
         raise HwnasError("--trial-timeout and --retries must be 0 or more")
     if not settings.ray_address:  # on a cluster, the GPUs and counters of the workers' nodes are what count

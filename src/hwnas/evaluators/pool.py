@@ -104,7 +104,7 @@ class RayPool:
                      **({} if address else {"num_cpus": os.cpu_count()}))
         threads = max(1, (os.cpu_count() or 1) // workers)
         gpus = 1 if device.startswith("cuda") else 0
-        _check_a_node_fits(ray, threads, gpus)
+        _check_capacity(ray, workers, threads, gpus)
         self._actor = ray.remote(num_cpus=threads, num_gpus=gpus)(actor_class or _EvaluatorActor)
         self._actor_args = (space_source, device, threads, energy, hwprofile)
         self.faults = faults
@@ -216,14 +216,16 @@ class RayPool:
         self._ray.shutdown()
 
 
-def _check_a_node_fits(ray, cpus: int, gpus: int) -> None:
-    """Raise unless some live Ray node can host a worker: Ray would otherwise wait for one forever."""
+def _check_capacity(ray, workers: int, cpus: int, gpus: int) -> None:
+    """Raise unless the live Ray nodes can place every worker at once: Ray would wait for the rest forever."""
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-    if not any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in nodes):
+    fits = sum(min(int(r.get("CPU", 0) // cpus), int(r.get("GPU", 0) // gpus) if gpus else workers) for r in nodes)
+    if fits < workers:
         wanted = f"{cpus} CPU{'s' if cpus != 1 else ''}" + (f" and {gpus} GPU" if gpus else "")
         seen = "; ".join(f"{int(r.get('CPU', 0))} CPUs, {int(r.get('GPU', 0))} GPUs" for r in nodes) or "none"
-        raise HwnasError(f"no Ray node can run a worker, which needs {wanted} (nodes: {seen}); "
-                         "use fewer --workers, --device cpu, or a cluster with such a node")
+        raise HwnasError(f"Ray can place {fits} of the {workers} workers, each needing {wanted} (nodes: {seen}); "
+                         f"use --workers {fits}" + (" or fewer" if fits else "") + (", --device cpu" if gpus else "")
+                         + ", or a larger cluster")
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
