@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import os
-from pathlib import Path
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -150,8 +150,10 @@ def _check_writable(path: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise HwnasError(f"cannot write {path}: {exc.strerror}") from None
-    if path.is_dir() or not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise HwnasError(f"cannot write {path}: " + ("it is a directory" if path.is_dir() else "permission denied"))
+    if path.is_dir():
+        raise HwnasError(f"cannot write {path}: it is a directory")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise HwnasError(f"cannot write {path}: permission denied")
 
 
 def _say(line: str) -> None:
