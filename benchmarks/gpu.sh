@@ -11,6 +11,7 @@
 # The built-in digits models come from .hwnas-cache/ (git-ignored): copy this machine's cache there
 # (cp -r ~/.cache/hwnas/models .hwnas-cache/) and name .hwnas-cache in the device tool's carry, so
 # the GPU measures the weights the CPU results name and spends no device time training them.
+# BENCH_TIMEOUT=S stops a benchmark after S seconds (its JSON is then lost, the next one still runs).
 # DEVICE=cpu QUICK=1 bash benchmarks/gpu.sh is a dry run of the same path on the CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +35,6 @@ benches=("$@")
 [ ${#benches[@]} -eq 0 ] && benches=(kernels models tokens)
 for bench in "${benches[@]}"; do
   echo "== bench $bench on $device ($name), $(date -u +%H:%M:%S)"
-  python3 -m hwnas bench "$bench" --device "$device" "${quick[@]}" --json "$out/$bench-$name.json" || status=1
+  timeout "${BENCH_TIMEOUT:-0}" python3 -m hwnas bench "$bench" --device "$device" "${quick[@]}" --json "$out/$bench-$name.json" || status=1
 done
 exit $status

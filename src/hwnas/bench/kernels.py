@@ -8,7 +8,9 @@ on the CPU; every layer with its bias. Case ``shape`` is [tokens per image, in, 
 Implementations: ``dense`` is ``F.linear`` with the dense weight; ``torch_bsr`` is PyTorch's BSR
 (``weight.to_sparse_bsr((b, b))``, ``torch.addmm(bias, W, xᵀ)``), left out with the reason in
 the hwnas row's ``metrics`` where PyTorch does not support it; ``hwnas`` is ``BlockSparseLinear``:
-the Triton kernel on CUDA, on the CPU the path ``calibrate`` chose (``metrics.cpu_impl``).
+the Triton kernel on CUDA, on the CPU the path ``calibrate`` chose (``metrics.cpu_impl``). Each
+hwnas row also checks its output: ``metrics.rel_err`` is ‖y − y_ref‖ / ‖y_ref‖ against ``F.linear``
+with the masked dense weight in float32 (fp16 rounding gives about 1e-3; a wrong kernel, ~1).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from rich.table import Table
 
 from hwnas.bench.record import result_row
 from hwnas.hwprofiles.latency import measure
-from hwnas.kernels.block_sparse import BlockSparseLinear, BsrWeight
+from hwnas.kernels.block_sparse import BlockSparseLinear, BsrWeight, bsr_linear_reference
 
 SHAPES = ((768, 2304), (768, 768), (768, 3072), (3072, 768))
 TOKENS = 197
@@ -85,8 +87,16 @@ def _case(
         metrics["torch_bsr_skipped"] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
     else:
         rows.append(result_row(case, "torch_bsr", measure(torch_bsr, device, warmup, repeats)))
+    with torch.inference_mode():
+        metrics["rel_err"] = relative_error(layer(x), bsr_linear_reference(x.float(), layer.weight, layer.bias))
     rows.append(result_row(case, "hwnas", measure(lambda: layer(x), device, warmup, repeats), metrics))
     return rows
+
+
+def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """‖output − reference‖ / ‖reference‖ in float32."""
+    output, reference = output.float(), reference.float()
+    return float(torch.linalg.vector_norm(output - reference) / torch.linalg.vector_norm(reference))
 
 
 def summary(rows: list[dict]) -> Table:
@@ -111,6 +121,9 @@ def summary(rows: list[dict]) -> Table:
             metrics.get("cpu_impl", "triton"),
             f"{dense / ours:.2f}x", "n/a" if ref is None else f"{ref / ours:.2f}x",
         )  # fmt: skip
+    errors = [row["metrics"]["rel_err"] for row in rows if "rel_err" in row.get("metrics", {})]
+    captions = [f"largest relative error of hwnas against the masked dense weight: {max(errors):.1e}"] if errors else []
     if skipped:
-        table.caption = "torch_bsr not run (unsupported by PyTorch here): " + "; ".join(sorted(skipped))
+        captions.append("torch_bsr not run (unsupported by PyTorch here): " + "; ".join(sorted(skipped)))
+    table.caption = "\n".join(captions) or None
     return table

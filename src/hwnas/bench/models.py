@@ -1,8 +1,8 @@
 """``search bench models``: a whole DeiT-B with block-sparse linear layers against the dense model, side by side.
 
 timm ``deit_base_patch16_224`` (random weights: time does not depend on values) dense, and the
-same weights with 50% block sparsity (b = 32, seeded random masks with exactly half the blocks
-of each layer removed) in every qkv/proj/fc1/fc2 layer, swapped for ``BlockSparseLinear`` by
+same weights with 50% block sparsity (seeded random masks with exactly half the blocks of each
+layer removed; b = 32, and on CUDA also b = 64) in every qkv/proj/fc1/fc2 layer, swapped for ``BlockSparseLinear`` by
 ``to_block_sparse_layers``: the Triton kernel on CUDA, on the CPU the path each layer's
 ``calibrate`` chose for this batch (counts in ``metrics.cpu_impls``). Batch 1 and 64, float16 on
 CUDA, float32 on the CPU; ``metrics.energy_mj`` (per image) where a hardware counter exists
@@ -28,11 +28,11 @@ from hwnas.pruning.block_obs import find_linear_layers
 
 MODEL = "deit_base_patch16_224"
 SPARSITY = 0.5
-BLOCK = 32
+BLOCKS = {"cpu": (32,), "cuda": (32, 64)}
 BATCHES = (1, 64)
 
 
-def block_sparse_copy(model: nn.Module, sparsity: float = SPARSITY, block: int = BLOCK) -> nn.Module:
+def block_sparse_copy(model: nn.Module, block: int, sparsity: float = SPARSITY) -> nn.Module:
     """A copy of ``model`` whose qkv/proj/fc1/fc2 layers keep a seeded random ``1 - sparsity`` of their blocks."""
     sparse = copy.deepcopy(model)
     masks = {
@@ -48,44 +48,45 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     dtype = torch.float16 if cuda else torch.float32
     torch.manual_seed(0)
     dense = timm.create_model(MODEL, pretrained=False).eval()
-    sparse = block_sparse_copy(dense)
-    dense, sparse = dense.to(device, dtype), sparse.to(device, dtype)
+    sparse = {block: block_sparse_copy(dense, block).to(device, dtype) for block in BLOCKS[device.type]}
+    dense = dense.to(device, dtype)
     rows = []
     for batch in (1,) if quick else BATCHES:
         x = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
-        case = {"model": MODEL, "batch": batch, "dtype": str(dtype).removeprefix("torch."), "sparsity": SPARSITY, "block": BLOCK}
         if cuda:
             warmup, repeats = 10, 50
         else:  # a batch-64 DeiT-B forward takes ~15 s on 2 cores
             warmup, repeats = (1, 3) if quick or batch > 1 else (2, 10)
-        sparse_metrics = {}
-        if not cuda:  # at batch 64 a layer call takes 0.1-1 s: one timed call per path
-            calib_warmup, calib_repeats = (0, 1) if batch > 1 else (1, 5)
-            chosen = calibrate_block_sparse(sparse, x, warmup=calib_warmup, repeats=calib_repeats)
-            sparse_metrics["cpu_impls"] = dict(Counter(chosen.values()))
-        for impl, model, metrics in (("dense", dense, {}), ("hwnas", sparse, sparse_metrics)):
-            timing = measure(lambda: model(x), device, warmup, repeats, cuda_graph=cuda)
-            energy = measure_energy(lambda: model(x), device)
-            if energy is not None:
-                metrics = {**metrics, "energy_mj": energy.mj_per_call / batch, "energy_source": energy.source}
-            rows.append(result_row(case, impl, timing, metrics))
+        for block, sparse_model in sparse.items():
+            case = {"model": MODEL, "batch": batch, "dtype": str(dtype).removeprefix("torch."), "sparsity": SPARSITY, "block": block}
+            sparse_metrics = {}
+            if not cuda:  # at batch 64 a layer call takes 0.1-1 s: one timed call per path
+                calib_warmup, calib_repeats = (0, 1) if batch > 1 else (1, 5)
+                chosen = calibrate_block_sparse(sparse_model, x, warmup=calib_warmup, repeats=calib_repeats)
+                sparse_metrics["cpu_impls"] = dict(Counter(chosen.values()))
+            for impl, model, metrics in (("dense", dense, {}), ("hwnas", sparse_model, sparse_metrics)):
+                timing = measure(lambda: model(x), device, warmup, repeats, cuda_graph=cuda)
+                energy = measure_energy(lambda: model(x), device)
+                if energy is not None:
+                    metrics = {**metrics, "energy_mj": energy.mj_per_call / batch, "energy_source": energy.source}
+                rows.append(result_row(case, impl, timing, metrics))
     return rows
 
 
 def summary(rows: list[dict]) -> Table:
     table = Table(title="DeiT-B, 50% block sparsity vs dense (median ms)", title_justify="left", caption="ratios: dense ÷ hwnas")
-    for column in ("model", "batch", "dtype", "dense", "hwnas", "speed-up", "energy ratio", "CPU paths"):
+    for column in ("model", "batch", "dtype", "block", "dense", "hwnas", "speed-up", "energy ratio", "CPU paths"):
         table.add_column(column, justify="right")
     by_case: dict[tuple, dict[str, dict]] = {}
     for row in rows:
         c = row["case"]
-        by_case.setdefault((c["model"], c["batch"], c["dtype"]), {})[row["impl"]] = row
-    for (model, batch, dtype), impls in by_case.items():
+        by_case.setdefault((c["model"], c["batch"], c["dtype"], c["block"]), {})[row["impl"]] = row
+    for (model, batch, dtype, block), impls in by_case.items():
         dense, ours = impls["dense"], impls["hwnas"]
         energy = [impl.get("metrics", {}).get("energy_mj") for impl in (dense, ours)]
         paths = ours.get("metrics", {}).get("cpu_impls", {})
         table.add_row(
-            model, str(batch), dtype, f"{dense['median_ms']:.1f}", f"{ours['median_ms']:.1f}",
+            model, str(batch), dtype, str(block), f"{dense['median_ms']:.1f}", f"{ours['median_ms']:.1f}",
             f"{dense['median_ms'] / ours['median_ms']:.2f}x",
             "n/a" if None in energy else f"{energy[0] / energy[1]:.2f}x",
             ", ".join(f"{k} {v}" for k, v in sorted(paths.items())) or "triton",
