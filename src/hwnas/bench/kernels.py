@@ -3,7 +3,9 @@
 DeiT-B linear shapes (qkv 768→2304, proj 768→768, fc1 768→3072, fc2 3072→768) on 197 tokens per
 image at batch 1, 8 and 64; block sparsity 0.5, 0.75 and 0.9 (seeded random block masks with
 exactly ``round(sparsity × blocks)`` blocks removed); blocks 32 and 64; float16 on CUDA, float32
-on the CPU; every layer with its bias. Case ``shape`` is [tokens per image, in, out].
+on the CPU; every layer with its bias. Case ``shape`` is [tokens per image, in, out]. On CUDA
+each call is captured in a CUDA graph and its replay timed, so the numbers are the GPU's time,
+not Python's launch overhead (which Triton's autotuned launch makes large at these sizes).
 
 Implementations: ``dense`` is ``F.linear`` with the dense weight; ``torch_bsr`` is PyTorch's BSR
 (``weight.to_sparse_bsr((b, b))``, ``torch.addmm(bias, W, xᵀ)``), left out with the reason in
@@ -15,6 +17,7 @@ with the masked dense weight in float32 (fp16 rounding gives about 1e-3; a wrong
 
 from __future__ import annotations
 
+import functools
 import itertools
 import warnings
 
@@ -78,7 +81,8 @@ def _case(
     if not cuda:
         layer.calibrate(x, warmup=1, repeats=3 if quick or batch > 1 else 5)
         metrics["cpu_impl"] = layer.cpu_impl
-    rows = [result_row(case, "dense", measure(lambda: F.linear(x, weight, bias), device, warmup, repeats))]
+    timed = functools.partial(measure, device=device, warmup=warmup, repeats=repeats, cuda_graph=cuda)
+    rows = [result_row(case, "dense", timed(lambda: F.linear(x, weight, bias)))]
     torch_bsr = lambda: torch.addmm(bias[:, None], sparse, x2.T).T  # noqa: E731
     try:
         with torch.inference_mode():
@@ -86,10 +90,10 @@ def _case(
     except RuntimeError as error:  # NotImplementedError included
         metrics["torch_bsr_skipped"] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
     else:
-        rows.append(result_row(case, "torch_bsr", measure(torch_bsr, device, warmup, repeats)))
+        rows.append(result_row(case, "torch_bsr", timed(torch_bsr)))
     with torch.inference_mode():
         metrics["rel_err"] = relative_error(layer(x), bsr_linear_reference(x.float(), layer.weight, layer.bias))
-    rows.append(result_row(case, "hwnas", measure(lambda: layer(x), device, warmup, repeats), metrics))
+    rows.append(result_row(case, "hwnas", timed(lambda: layer(x)), metrics))
     return rows
 
 

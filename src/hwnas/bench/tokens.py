@@ -90,12 +90,12 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
 
 
 def accuracy_rows(device: str = "cpu", quick: bool = False) -> list[dict]:
-    model = create_digits_model(DIGITS_MODEL).to(device)
+    model = create_digits_model(DIGITS_MODEL)  # on the CPU, where FLOPs are counted; evaluated on ``device``
     data = load_digits_splits()
     images, labels = torch.cat([data.test_x, data.calib_x]), torch.cat([data.test_y, data.calib_y])
     input_shape = tuple(images.shape[1:])
     dense_flops = count_flops(model, input_shape)
-    dense_logits = predict_logits(model, images)
+    dense_logits = predict_logits(copy.deepcopy(model).to(device), images)
     dense = {"accuracy": accuracy(dense_logits, labels), "fidelity_kl": 0.0}
     methods: dict[str, TokenMethod] = {impl: token_method(name) for impl, name in METHODS.items()}
     methods.update({impl: UccMethod(**options) for impl, options in ABLATIONS.items()})
@@ -111,7 +111,7 @@ def accuracy_rows(device: str = "cpu", quick: bool = False) -> list[dict]:
                         "schedule": f"keep {rho} at {list(cuts)}", "images": len(images)}
                 rows.append(result_row(case, "dense", None, dense))
                 for impl, method in methods.items():
-                    logits = predict_logits(apply_token_keep(copy.deepcopy(model), keep, method), images)
+                    logits = predict_logits(apply_token_keep(copy.deepcopy(model), keep, method).to(device), images)
                     rows.append(result_row(case, impl, None, {"accuracy": accuracy(logits, labels),
                                                               "fidelity_kl": fidelity_kl(dense_logits, logits)}))
     return rows

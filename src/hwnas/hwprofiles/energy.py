@@ -54,6 +54,20 @@ def measure_energy(fn: Callable[[], object], device: torch.device | str, min_sec
     return Energy(used_mj / calls, source, calls, seconds, above_idle)
 
 
+def idle_power_w(device: torch.device | str, seconds: float = 1.0, counter=None) -> float | None:
+    """The device's mean power (W) over ``seconds`` with nothing running, from its energy counter; None without one."""
+    device = torch.device(device)
+    counter = counter or energy_counter(device)
+    if counter is None:
+        return None
+    read, _ = counter
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start_mj, start = read(), time.perf_counter()
+    time.sleep(seconds)
+    return (read() - start_mj) / (time.perf_counter() - start) / 1e3
+
+
 def energy_counter(device: torch.device | str) -> tuple[Callable[[], float], str] | None:
     """The device's energy counter as ``(read_mj, source)``: NVML on CUDA, RAPL on the CPU; None if unreadable."""
     device = torch.device(device)

@@ -95,7 +95,7 @@ def measure(
     with torch.inference_mode():
         for _ in range(warmup):
             fn()
-        run = _captured(fn, device) if cuda_graph and device.type == "cuda" else fn
+        run = cuda_graph_replay(fn, device) if cuda_graph and device.type == "cuda" else fn
         samples = [_time_once(run, device) for _ in range(repeats)]
     return Timing(statistics.median(samples), min(samples), max(samples), len(samples))
 
@@ -146,14 +146,20 @@ def _time_once(fn: Callable[[], object], device: torch.device) -> float:
     return start.elapsed_time(end)
 
 
-def _captured(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
-    """``fn`` captured once into a CUDA graph: the graph's replay."""
+def cuda_graph_replay(fn: Callable[[], object], device: torch.device | str) -> Callable[[], object]:
+    """``fn`` captured once into a CUDA graph (in inference mode): the graph's replay.
+
+    ``fn`` runs once uncaptured first, so its allocations and any kernel autotuning happen outside
+    the capture.
+    """
+    device = torch.device(device)
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        fn()  # allocations made before capture
-    torch.cuda.current_stream(device).wait_stream(stream)
-    with torch.cuda.graph(graph):
-        fn()
+    with torch.inference_mode():
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        with torch.cuda.graph(graph):
+            fn()
     return graph.replay

@@ -17,7 +17,6 @@ GPU's power limit as TDP. Timings are medians after warm-up (``hwprofiles.latenc
 
 from __future__ import annotations
 
-import time
 from typing import Callable
 
 import torch
@@ -138,26 +137,16 @@ def _block_sparse_efficiency(device: torch.device, dtype: torch.dtype, gemm: lis
 
 def _power(device: torch.device) -> dict[str, float]:
     """Idle power (W) over one second and, on a GPU, its power limit as TDP; {} where nothing is readable."""
+    from hwnas.hwprofiles.energy import idle_power_w
+
+    idle = idle_power_w(device)
+    power = {} if idle is None else {"idle": idle}
     if device.type == "cuda":
         try:
             import pynvml
 
             pynvml.nvmlInit()
-            handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
-            torch.cuda.synchronize(device)
-            samples = []
-            for _ in range(10):
-                samples.append(pynvml.nvmlDeviceGetPowerUsage(handle) / 1e3)
-                time.sleep(0.1)
-            return {"idle": sum(samples) / len(samples), "tdp": pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1e3}
-        except Exception:
-            return {}
-    from hwnas.hwprofiles.energy import rapl_counter
-
-    counter = rapl_counter()
-    if counter is None:
-        return {}
-    read, _ = counter
-    start_mj, start = read(), time.perf_counter()
-    time.sleep(1.0)
-    return {"idle": (read() - start_mj) / (time.perf_counter() - start) / 1e3}
+            power["tdp"] = pynvml.nvmlDeviceGetEnforcedPowerLimit(pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)) / 1e3
+        except Exception:  # no NVML, or the limit is not readable here
+            pass
+    return power
