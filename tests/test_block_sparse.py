@@ -84,6 +84,24 @@ def test_kernel_matches_reference_at_several_sparsities(block, sparsity):
 
 
 @needs_triton
+@pytest.mark.parametrize("blocks_per_step", [1, 2, 4])
+def test_kernel_steps_over_several_kept_blocks_at_once(monkeypatch, blocks_per_step):
+    """Every KB the autotuner may pick is exact, block-rows whose kept count is no multiple of KB included."""
+    import triton
+
+    from hwnas.kernels import block_sparse
+
+    kernel = block_sparse._bsr_linear_kernel
+    monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_M": 32, "KB": blocks_per_step})])
+    monkeypatch.setattr(kernel, "cache", {})
+    mask = random_mask(6, 7, 0.4, seed=blocks_per_step)
+    mask[0], mask[1] = False, True  # an empty block-row and a full one (7 kept blocks)
+    weight, bias = make(96, 112, 16, mask)
+    check(torch.randn(45, 112), weight, bias)
+    assert block_sparse.tuned_config()["KB"] == blocks_per_step
+
+
+@needs_triton
 @pytest.mark.parametrize("tokens", [1, 7, 197])
 def test_kernel_odd_token_counts(tokens):
     weight, bias = make(96, 128, 32, random_mask(3, 4, 0.5))

@@ -93,7 +93,12 @@ def _case(
         rows.append(result_row(case, "torch_bsr", timed(torch_bsr)))
     with torch.inference_mode():
         metrics["rel_err"] = relative_error(layer(x), bsr_linear_reference(x.float(), layer.weight, layer.bias))
-    rows.append(result_row(case, "hwnas", timed(lambda: layer(x)), metrics))
+    timing = timed(lambda: layer(x))
+    if cuda:
+        from hwnas.kernels.block_sparse import tuned_config
+
+        metrics["kernel_config"] = tuned_config()
+    rows.append(result_row(case, "hwnas", timing, metrics))
     return rows
 
 

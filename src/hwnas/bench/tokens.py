@@ -13,7 +13,8 @@ token counts alone; the scoring and merging ops add < 1 %).
   each method its best schedule of the family (a method is judged by the best it can do at that
   cost); the JSON holds every schedule.
 * **Latency** (``deit_small_patch16_224``, ``deit_base_patch16_224``, random weights, fp32 at
-  batch 1 and 8, and on CUDA also fp16 at batch 64): dense, ``hwnas`` and ``tome`` with cuts at
+  batch 1 and 8, and on CUDA also fp16 at batch 64; on CUDA each model is captured in a CUDA
+  graph and its replay timed): dense, ``hwnas`` and ``tome`` with cuts at
   blocks 3, 6, 9 and ρ bisected to −50 % FLOPs, side by side: interleaved rounds, one call of
   each per round in shuffled order (``ROUNDS`` per batch size: batch 1 calls are short and their
   spread wide, so they get more).
@@ -34,7 +35,7 @@ from torch import nn
 
 from hwnas.bench.record import result_row
 from hwnas.evaluators.metrics import accuracy, count_flops, fidelity_kl, predict_logits
-from hwnas.hwprofiles.latency import Ratio, measure_side_by_side, paired_ratio
+from hwnas.hwprofiles.latency import Ratio, cuda_graph_replay, measure_side_by_side, paired_ratio
 from hwnas.models.digits import create_digits_model, load_digits_splits
 from hwnas.pruning.token_methods import TokenMethod, UccMethod, token_method
 from hwnas.pruning.tokens import apply_token_keep
@@ -118,6 +119,7 @@ def accuracy_rows(device: str = "cpu", quick: bool = False) -> list[dict]:
 
 
 def latency_rows(device: str = "cpu", quick: bool = False) -> list[dict]:
+    device = torch.device(device)
     rows = []
     for name in TIMING_MODELS[:1] if quick else TIMING_MODELS:
         torch.manual_seed(0)
@@ -125,13 +127,15 @@ def latency_rows(device: str = "cpu", quick: bool = False) -> list[dict]:
         keep, reduction = schedule_for_flops(dense, TIMING_CUTS, 0.5, (3, 224, 224))
         variants = {"dense": dense}
         variants.update({impl: apply_token_keep(copy.deepcopy(dense), keep, METHODS[impl]) for impl in ("hwnas", "tome")})
-        for batch, dtype in TIMING_POINTS[torch.device(device).type]:
+        for batch, dtype in TIMING_POINTS[device.type]:
             models = {impl: copy.deepcopy(model).to(device, dtype) for impl, model in variants.items()}
             x = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
             case = {"model": name, "batch": batch, "dtype": str(dtype).removeprefix("torch."), "flops_reduction": 0.5,
                     "measured_flops_reduction": round(reduction, 4),
                     "schedule": f"keep {keep[TIMING_CUTS[0]]} at {list(TIMING_CUTS)}"}
             calls = {impl: functools.partial(model, x) for impl, model in models.items()}
+            if device.type == "cuda":  # the GPU's time, not Python's launch overhead
+                calls = {impl: cuda_graph_replay(call, device) for impl, call in calls.items()}
             timings = measure_side_by_side(calls, device, warmup=3, rounds=5 if quick else ROUNDS[batch])
             samples = {impl: timing.samples_ms for impl, timing in timings.items()}
             for impl, timing in timings.items():

@@ -4,8 +4,9 @@ A linear weight ``[out, in]`` pruned in square b×b blocks is stored in BSR form
 the kept blocks ``[nnz, b, b]`` in block-row order, their block-column indices and the
 block-row offsets (``crow``). ``bsr_linear`` is the Triton kernel: each program computes
 BLOCK_M tokens × one b-wide block-row of output features, looping over that block-row's kept
-blocks (fp32 accumulation, bias fused in the epilogue, BLOCK_M and warps/stages autotuned per
-problem size). ``bsr_linear_reference`` is the dense masked matmul it must match.
+blocks, KB of them per step as one wider dot (fp32 accumulation, bias fused in the epilogue;
+BLOCK_M, KB and warps/stages autotuned per problem size). ``bsr_linear_reference`` is the dense
+masked matmul it must match.
 
 ``BlockSparseLinear`` holds the BSR weight as buffers; on CUDA it runs the Triton kernel, on the
 CPU the implementation that ``calibrate`` measured fastest for this layer:
@@ -121,9 +122,13 @@ if triton is not None:
 
     def _configs() -> list[triton.Config]:
         if _INTERPRET:
-            return [triton.Config({"BLOCK_M": 64})]
-        shapes = ((16, 4, 2), (32, 4, 3), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (128, 8, 4), (256, 8, 3))
-        return [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s) for m, w, s in shapes]
+            return [triton.Config({"BLOCK_M": 64, "KB": 2})]
+        shapes = (  # (BLOCK_M, KB, warps, stages); the autotuner skips those that do not fit in shared memory
+            (16, 1, 4, 2), (32, 1, 4, 3), (64, 1, 4, 3), (64, 1, 4, 4), (128, 1, 4, 3), (128, 1, 8, 3),
+            (128, 1, 8, 4), (256, 1, 8, 3), (64, 2, 4, 3), (128, 2, 4, 3), (128, 2, 8, 3), (256, 2, 8, 3),
+            (64, 4, 4, 3), (128, 4, 8, 3),
+        )  # fmt: skip
+        return [triton.Config({"BLOCK_M": m, "KB": kb}, num_warps=w, num_stages=s) for m, kb, w, s in shapes]
 
     @triton.autotune(configs=_configs(), key=["M", "N", "K", "B"])
     @triton.jit
@@ -131,28 +136,38 @@ if triton is not None:
         x_ptr, blocks_ptr, col_ptr, row_ptr, bias_ptr, y_ptr,
         M, N, K, stride_xm, stride_ym,
         B: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_M: tl.constexpr,
+        BLOCK_M: tl.constexpr, KB: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0)  # block-rows vary fastest: programs running together share x tiles
         offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_b = tl.arange(0, B)
+        lanes = tl.arange(0, KB * B)  # one K step spans KB kept blocks side by side
+        lane_block, lane_col = lanes // B, lanes % B
         in_m = offs_m < M
         x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
         start, end = tl.load(row_ptr + row), tl.load(row_ptr + row + 1)
-        w_ptrs = blocks_ptr + start.to(tl.int64) * B * B + offs_b[:, None] * B + offs_b[None, :]
         acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
-        for i in range(start, end):
-            col = tl.load(col_ptr + i)
-            x = tl.load(x_rows + (col * B + offs_b)[None, :], mask=in_m[:, None], other=0.0)
-            w = tl.load(w_ptrs)
+        for i in range(start, end, KB):
+            kept = i + lane_block  # the kept block each K lane reads; past ``end`` in the last step
+            valid = kept < end
+            col = tl.load(col_ptr + kept, mask=valid, other=0)
+            x = tl.load(x_rows + (col * B + lane_col)[None, :], mask=in_m[:, None] & valid[None, :], other=0.0)
+            w_ptrs = blocks_ptr + kept.to(tl.int64)[None, :] * B * B + offs_b[:, None] * B + lane_col[None, :]
+            w = tl.load(w_ptrs, mask=valid[None, :], other=0.0)  # [B out features, KB·B inputs]
             if UPCAST:
                 x, w = x.to(tl.float32), w.to(tl.float32)
             acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-            w_ptrs += B * B
         if HAS_BIAS:
             acc += tl.load(bias_ptr + row * B + offs_b).to(tl.float32)[None, :]
         y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + (row * B + offs_b)[None, :]
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=in_m[:, None])
+
+    def tuned_config() -> dict | None:
+        """The kernel configuration the autotuner picked for the most recent problem size (None before any)."""
+        config = getattr(_bsr_linear_kernel, "best_config", None)
+        if config is None:
+            return None
+        return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
 def bsr_linear(x: Tensor, weight: BsrWeight, bias: Tensor | None = None) -> Tensor:
