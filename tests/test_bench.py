@@ -44,3 +44,19 @@ def test_bench_record_names_the_built_in_weights_it_measured():
     record = bench_record("tokens", "cpu", [], {"digits-deit": "0123456789ab"})
     assert record["checkpoints"] == {"digits-deit": "0123456789ab"}
     assert list(record)[-1] == "results"
+
+
+def test_models_bench_reports_energy_per_image_and_above_idle():
+    from hwnas.bench.models import energy_metrics, summary
+    from hwnas.hwprofiles.energy import Energy
+
+    dense = energy_metrics(Energy(6400.0, "nvml", 100, 1.0, above_idle_mj_per_call=3200.0), batch=64, idle_w=120.0)
+    assert dense == {"energy_mj": 100.0, "energy_source": "nvml", "energy_above_idle_mj": 50.0, "idle_w": 120.0}
+    sparse = energy_metrics(Energy(3200.0, "nvml", 100, 1.0, above_idle_mj_per_call=1280.0), batch=64, idle_w=120.0)
+    assert "energy_above_idle_mj" not in energy_metrics(Energy(3200.0, "rapl", 10, 1.0), batch=64, idle_w=None)
+    case = {"model": "deit_base_patch16_224", "batch": 64, "dtype": "float16", "sparsity": 0.5, "block": 32}
+    timing = {"min_ms": 0.0, "max_ms": 0.0, "repeats": 1}
+    rows = [{"case": case, "impl": "dense", "median_ms": 6.0, **timing, "metrics": dense},
+            {"case": case, "impl": "hwnas", "median_ms": 4.0, **timing, "metrics": sparse}]
+    cells = [next(iter(column.cells)) for column in summary(rows).columns]
+    assert cells[3:] == ["32", "6.0", "4.0", "1.50x", "2.00x (2.50x)", "triton"]

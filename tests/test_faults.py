@@ -55,13 +55,15 @@ def faulty_actor(log_dir: Path, plan: dict[int, str] | None = None):
             call = _claim_call_number(log_dir)
             key = config_hash(config)
             attempts = sorted(log_dir.glob(f"attempt-{key}-*"))
-            (log_dir / f"attempt-{key}-{len(attempts)}-{os.getpid()}").touch()
+            (log_dir / f"attempt-{key}-{len(attempts)}-{os.getpid()}-{call}").touch()
             fault = config.get("fault") or (plan or {}).get(call, "none")
             first = not attempts
             if fault == "crash_always" or (fault == "crash_once" and first):
                 os._exit(1)
             if fault == "hang_once" and first:
                 time.sleep(600)
+            if fault == "slow":
+                time.sleep(3)
             if fault == "oom_once" and first:
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
             if fault == "raise":
@@ -132,6 +134,25 @@ def test_every_fault_gives_one_outcome_with_its_reason(log_dir):
     assert pool.replaced == 2 + 3  # crash_once, hang_once; crash_always three times
 
 
+def test_a_free_worker_takes_the_next_configuration_at_once(log_dir):
+    """Configurations are read one at a time, when a worker is free: none waits for a slow neighbour."""
+    outcomes, seen_at_read = [], []
+
+    def configs():
+        for i in range(5):
+            seen_at_read.append(len(outcomes))
+            yield {"fault": "slow" if i == 0 else "none", "keep": 0.2 + 0.1 * i}
+
+    pool = RayPool(SPACE, workers=2, actor_class=faulty_actor(log_dir))
+    try:
+        for outcome in pool.evaluate(configs()):
+            outcomes.append(outcome)
+    finally:
+        pool.close()
+    assert [o.index for o in outcomes] == [1, 2, 3, 4, 0]  # the slow first one finishes last
+    assert seen_at_read == [0, 0, 1, 2, 3]  # each later one is read only once a worker is free
+
+
 def test_a_study_survives_every_fault_with_each_trial_complete_or_failed(log_dir, tmp_path):
     # the n-th evaluation call (the baseline is call 0) misbehaves
     plan = {2: "crash_once", 4: "hang_once", 6: "nan", 8: "oom_once", 10: "raise"}
@@ -156,9 +177,13 @@ def test_a_study_survives_every_fault_with_each_trial_complete_or_failed(log_dir
     measured = sorted([t.user_attrs["config_hash"] for t in complete if "cached_from" not in t.user_attrs]
                       + [config_hash(study_dir.space.identity())])
     assert successes == measured
-    lost = 3  # the crash, the hang and the out-of-memory attempt, each retried
-    assert len(list(log_dir.glob("call-*"))) == len(successes) + len(failed) + lost
-    assert pool.replaced == 2  # the crashed and the hung worker
+    # a *_once fault fires where its call is a configuration's first attempt; a retry can take a
+    # planned call number, since a free worker starts the next candidate without waiting for the others
+    first_attempt_calls = {int(p.name.split("-")[4]) for p in log_dir.glob("attempt-*-0-*")}
+    fired = {fault for call, fault in plan.items() if fault.endswith("_once") and call in first_attempt_calls}
+    assert "crash_once" in fired  # call 2 comes before any retry
+    assert len(list(log_dir.glob("call-*"))) == len(successes) + len(failed) + len(fired)  # each lost call retried
+    assert pool.replaced == len(fired & {"crash_once", "hang_once"})  # a crash or hang costs its worker
     points = json.loads((study_dir.path / "pareto.json").read_text())["points"]
     assert points and all(p["metrics"]["accuracy"] == p["metrics"]["accuracy"] for p in points)  # no NaN
 

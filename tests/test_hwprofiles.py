@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hwnas.errors import HwnasError
-from hwnas.hwprofiles.energy import measure_energy
+from hwnas.hwprofiles.energy import idle_power_w, measure_energy
 from hwnas.hwprofiles.latency import measure_side_by_side, paired_ratio
 from hwnas.hwprofiles.measure_profile import measure_profile
 from hwnas.hwprofiles.predictor import Predictor, op_table, trace_ops
@@ -168,3 +168,10 @@ def test_paired_ratio_compares_side_by_side_samples_round_by_round():
     assert (ratio.q1, ratio.median, ratio.q3) == (3.0, 4.0, 6.0) and str(ratio) == "4.00x (3.00-6.00)"
     with pytest.raises(ValueError, match="equally long"):
         paired_ratio([1.0, 2.0], [1.0])
+
+
+def test_idle_power_is_read_from_the_energy_counter():
+    def read() -> float:  # a counter that gains 37 W, in mJ
+        return time.perf_counter() * 37.0 * 1e3
+
+    assert idle_power_w("cpu", seconds=0.1, counter=(read, "fake")) == pytest.approx(37.0, rel=0.02)

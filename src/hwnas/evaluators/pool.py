@@ -1,8 +1,10 @@
 """Where evaluations run: Ray actors (the default) or the driver's own process (``--workers 0``).
 
 Each Ray worker is an actor that builds its Evaluator once (model, data, dense logits, layer
-databases) and keeps it warm between candidates. A batch of configurations is spread over the
-actors and the outcomes come back as they finish, so the driver records each one immediately.
+databases) and keeps it warm between candidates. ``evaluate`` reads its configurations lazily,
+one whenever a worker comes free, and yields the outcomes as they finish: the driver records each
+one at once, and a generator of configurations can propose the next candidate knowing every
+outcome before it, with no worker waiting for the slowest of a batch.
 
 Faults do not end a study (``FaultPolicy``): a worker that crashes, runs out of memory or hangs
 past the per-evaluation timeout is replaced by a fresh actor and its candidate is retried on
@@ -13,12 +15,13 @@ Every configuration handed to ``evaluate`` yields exactly one Outcome.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from hwnas.errors import HwnasError
 from hwnas.evaluators.evaluator import Evaluator
@@ -64,7 +67,7 @@ class LocalPool:
     def info(self) -> dict:
         return self.evaluator.info()
 
-    def evaluate(self, configs: list[Config]) -> Iterator[Outcome]:
+    def evaluate(self, configs: Iterable[Config]) -> Iterator[Outcome]:
         for i, config in enumerate(configs):
             try:
                 metrics = self.evaluator.evaluate(config)
@@ -125,15 +128,29 @@ class RayPool:
     def info(self) -> dict:
         return self._info
 
-    def evaluate(self, configs: list[Config]) -> Iterator[Outcome]:
+    def evaluate(self, configs: Iterable[Config]) -> Iterator[Outcome]:
+        """One Outcome per configuration, as each finishes; ``configs`` is read one at a time, when a worker is free."""
         ray = self._ray
-        queue = deque(_Attempt(i, c) for i, c in enumerate(configs))
+        fresh = (_Attempt(i, c) for i, c in enumerate(configs))
+        queue: deque[_Attempt] = deque()  # attempts to start: lost ones to retry, then the next fresh one
         running: dict = {}  # object ref -> _Attempt (an evaluation) or int (a new worker's readiness)
         idle = set(range(len(self.actors))) - self._dead
-        while queue or any(isinstance(v, _Attempt) for v in running.values()):
-            for attempt in self._dispatch(queue, idle):
+        exhausted = False
+        while True:
+            started = self._dispatch(queue, idle)
+            while idle and not exhausted:  # a worker still free: the next fresh configuration
+                attempt = next(fresh, None)
+                exhausted = attempt is None
+                if attempt is not None:
+                    queue.append(attempt)
+                    started += self._dispatch(queue, idle)
+            for attempt in started:
                 running[self.actors[attempt.slot].evaluate.remote(attempt.config)] = attempt
+            if exhausted and not queue and not any(isinstance(v, _Attempt) for v in running.values()):
+                return
             if not running:  # every worker's replacement failed to start
+                if not queue and not exhausted:  # say so on the next configuration, not silently
+                    queue.extend(itertools.islice(fresh, 1))
                 yield from self._fail_all(queue, f"no worker left: {self._dead_reason}")
                 return
             deadline = min((a.deadline for a in running.values() if isinstance(a, _Attempt)), default=math.inf)

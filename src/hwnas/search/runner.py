@@ -7,7 +7,9 @@ failed with the reason ``interrupted``); ``--resume`` then continues to the same
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import optuna
@@ -22,7 +24,10 @@ from hwnas.search.optimizers import Proposal, enqueued_trial, make_optimizer
 from hwnas.search.pareto import Record, hypervolume, pareto_front
 from hwnas.search.report import write_pareto, write_report
 from hwnas.search.study import StudyDir
-from hwnas.spaces import config_hash
+from hwnas.spaces import Config, config_hash
+
+if TYPE_CHECKING:
+    from hwnas.evaluators.pool import Outcome
 
 FAILED_VALUE = 1e18  # what pymoo sees for a candidate whose evaluation failed
 MAX_STALLED_BATCHES = 5
@@ -79,17 +84,20 @@ class SearchRun:
         study = self.dir.load(self.optimizer.sampler)
         self.study, self.baseline, self.records = study, baseline, records
 
-        in_flight: list[Proposal] = []
+        self.in_flight = []
         with self._progress() as progress:
             task = progress.add_task("trials", total=settings.trials, completed=len(records), **self._fields())
+            on_record = lambda: progress.update(task, completed=len(self.records), **self._fields())  # noqa: E731
             try:
                 stalled = 0
                 while len(self.records) < settings.trials:
                     before = len(self.records)
-                    in_flight = self._next_batch(settings.trials - len(self.records))
-                    self._evaluate(in_flight, lambda: progress.update(task, completed=len(self.records),
-                                                                       **self._fields()))
-                    in_flight = []
+                    if getattr(self.optimizer, "generational", False):
+                        self.in_flight = self._next_batch(settings.trials - len(self.records))
+                        self._evaluate(self.in_flight, on_record)
+                    else:  # one proposal whenever a worker comes free
+                        self._evaluate_stream(settings.trials, on_record)
+                    self.in_flight = []
                     stalled = stalled + 1 if len(self.records) == before else 0
                     if stalled >= MAX_STALLED_BATCHES:
                         self.console.print(f"[yellow]the optimizer proposed no new configuration in "
@@ -97,7 +105,7 @@ class SearchRun:
                                            f"({self.dir.space.size():,} grid points) looks exhausted")
                         break
             except KeyboardInterrupt:
-                self._interrupt(in_flight)
+                self._interrupt(self.in_flight)
                 self._write_outputs()
                 raise Interrupted(f"interrupted after {len(self.records)} finished trial(s); "
                                   f"continue with: search run --resume {self.dir.path}") from None
@@ -158,25 +166,54 @@ class SearchRun:
         return batch
 
     def _evaluate(self, batch: list[Proposal], on_record) -> None:
+        """Evaluate one generation of a generational optimizer, then tell it the results."""
         todo = []
         for proposal in batch:
-            cached = self.cache.get(proposal.config_hash)
-            if proposal.metrics is None and cached is not None and proposal.trial is not None:
-                self._fill_from(proposal, cached)
-                proposal.trial.set_user_attr("cached_from", "baseline" if cached.trial == BASELINE_TRIAL else cached.trial)
-                self._record(proposal)
-                on_record()
-            elif proposal.trial is not None:
+            if not self._answered_from_cache(proposal, on_record) and proposal.trial is not None:
                 todo.append(proposal)
         for outcome in self.pool.evaluate([p.config for p in todo]):
-            proposal = todo[outcome.index]
-            proposal.metrics, proposal.error = outcome.metrics, outcome.error
-            if proposal.metrics and self.cost_model is not None:
-                proposal.metrics = {**proposal.metrics, **self.cost_model.predict(proposal.config)}
-            self._record(proposal)
-            on_record()
-        if getattr(self.optimizer, "generational", False) and batch and all(p.metrics or p.error for p in batch):
+            self._finish(todo[outcome.index], outcome, on_record)
+        if batch and all(p.metrics or p.error for p in batch):
             self.optimizer.tell(batch, np.array([self._minimised(p) for p in batch]))
+
+    def _evaluate_stream(self, trials: int, on_record) -> None:
+        """Ask the optimizer for one proposal whenever a worker is free, until ``trials`` are recorded or running.
+
+        The pool reads ``self._proposals`` lazily, so each proposal is asked knowing every result
+        recorded before it, and no worker waits for the slowest candidate of a batch.
+        """
+        for outcome in self.pool.evaluate(self._proposals(trials, on_record)):
+            self._finish(self.in_flight[outcome.index], outcome, on_record)
+
+    def _proposals(self, trials: int, on_record) -> Iterator[Config]:
+        """New configurations to measure (kept in ``self.in_flight``); cached ones are recorded on the way."""
+        while len(self.records) + sum(p.metrics is None and p.error is None for p in self.in_flight) < trials:
+            batch = self.optimizer.ask(self.study, 1)
+            if not batch:  # the optimizer has nothing new to propose
+                return
+            proposal = batch[0]
+            if self._answered_from_cache(proposal, on_record):
+                continue
+            self.in_flight.append(proposal)
+            yield proposal.config
+
+    def _answered_from_cache(self, proposal: Proposal, on_record) -> bool:
+        """Record ``proposal`` from an earlier measurement of its configuration, if there is one."""
+        cached = self.cache.get(proposal.config_hash)
+        if proposal.metrics is not None or cached is None or proposal.trial is None:
+            return False
+        self._fill_from(proposal, cached)
+        proposal.trial.set_user_attr("cached_from", "baseline" if cached.trial == BASELINE_TRIAL else cached.trial)
+        self._record(proposal)
+        on_record()
+        return True
+
+    def _finish(self, proposal: Proposal, outcome: Outcome, on_record) -> None:
+        proposal.metrics, proposal.error = outcome.metrics, outcome.error
+        if proposal.metrics and self.cost_model is not None:
+            proposal.metrics = {**proposal.metrics, **self.cost_model.predict(proposal.config)}
+        self._record(proposal)
+        on_record()
 
     def _fill_from(self, proposal: Proposal, cached: Record) -> None:
         proposal.metrics = cached.metrics
