@@ -27,7 +27,7 @@ from rich.table import Table
 
 from hwnas.bench.record import result_row
 from hwnas.hwprofiles.latency import measure
-from hwnas.kernels.block_sparse import BlockSparseLinear, BsrWeight, bsr_linear_reference
+from hwnas.kernels.block_sparse import BlockSparseLinear, BsrWeight, bsr_linear_reference, tuned_config
 
 SHAPES = ((768, 2304), (768, 768), (768, 3072), (3072, 768))
 TOKENS = 197
@@ -95,8 +95,6 @@ def _case(
         metrics["rel_err"] = relative_error(layer(x), bsr_linear_reference(x.float(), layer.weight, layer.bias))
     timing = timed(lambda: layer(x))
     if cuda:
-        from hwnas.kernels.block_sparse import tuned_config
-
         metrics["kernel_config"] = tuned_config()
     rows.append(result_row(case, "hwnas", timing, metrics))
     return rows

@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from hwnas.hwprofiles.energy import idle_power_w
 from hwnas.hwprofiles.latency import device_name, measure
 from hwnas.hwprofiles.predictor import interpolate, trace_ops
 from hwnas.hwprofiles.profile import CostPoint, HardwareProfile
@@ -137,8 +138,6 @@ def _block_sparse_efficiency(device: torch.device, dtype: torch.dtype, gemm: lis
 
 def _power(device: torch.device) -> dict[str, float]:
     """Idle power (W) over one second and, on a GPU, its power limit as TDP; {} where nothing is readable."""
-    from hwnas.hwprofiles.energy import idle_power_w
-
     idle = idle_power_w(device)
     power = {} if idle is None else {"idle": idle}
     if device.type == "cuda":

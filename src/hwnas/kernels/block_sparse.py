@@ -162,12 +162,13 @@ if triton is not None:
         y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + (row * B + offs_b)[None, :]
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=in_m[:, None])
 
-    def tuned_config() -> dict | None:
-        """The kernel configuration the autotuner picked for the most recent problem size (None before any)."""
-        config = getattr(_bsr_linear_kernel, "best_config", None)
-        if config is None:
-            return None
-        return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+def tuned_config() -> dict | None:
+    """The kernel configuration the autotuner picked for the most recent problem size (None before any)."""
+    config = getattr(_bsr_linear_kernel, "best_config", None) if triton is not None else None
+    if config is None:
+        return None
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
 def bsr_linear(x: Tensor, weight: BsrWeight, bias: Tensor | None = None) -> Tensor:

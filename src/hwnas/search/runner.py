@@ -93,8 +93,8 @@ class SearchRun:
                 while len(self.records) < settings.trials:
                     before = len(self.records)
                     if getattr(self.optimizer, "generational", False):
-                        self.in_flight = self._next_batch(settings.trials - len(self.records))
-                        self._evaluate(self.in_flight, on_record)
+                        self.in_flight = self._next_generation(settings.trials - len(self.records))
+                        self._evaluate_generation(self.in_flight, on_record)
                     else:  # one proposal whenever a worker comes free
                         self._evaluate_stream(settings.trials, on_record)
                     self.in_flight = []
@@ -151,30 +151,29 @@ class SearchRun:
             hint = " (the data has no labels: use --objectives fidelity,latency)" if "accuracy" in missing else ""
             raise HwnasError(f"this evaluation does not measure {', '.join(missing)}{hint}")
 
-    def _next_batch(self, remaining: int) -> list[Proposal]:
-        """Proposals to evaluate now; cached configurations are answered without a new measurement."""
-        batch = self.optimizer.ask(self.study, max(1, min(remaining, self.pool.workers)))
-        if getattr(self.optimizer, "generational", False):
-            new = 0
-            for proposal in batch:
-                cached = self.cache.get(proposal.config_hash)
-                if cached is not None:
-                    self._fill_from(proposal, cached)
-                elif new < remaining:
-                    proposal.trial, proposal.config = enqueued_trial(self.study, self.dir.space, proposal.config)
-                    new += 1
-        return batch
+    def _next_generation(self, remaining: int) -> list[Proposal]:
+        """A generational optimizer's next proposals: trials for up to ``remaining`` new ones, cached ones filled in."""
+        generation = self.optimizer.ask(self.study, max(1, min(remaining, self.pool.workers)))
+        new = 0
+        for proposal in generation:
+            cached = self.cache.get(proposal.config_hash)
+            if cached is not None:
+                self._fill_from(proposal, cached)
+            elif new < remaining:
+                proposal.trial, proposal.config = enqueued_trial(self.study, self.dir.space, proposal.config)
+                new += 1
+        return generation
 
-    def _evaluate(self, batch: list[Proposal], on_record) -> None:
-        """Evaluate one generation of a generational optimizer, then tell it the results."""
+    def _evaluate_generation(self, generation: list[Proposal], on_record) -> None:
+        """Evaluate a generational optimizer's proposals, then tell it the results."""
         todo = []
-        for proposal in batch:
+        for proposal in generation:
             if not self._answered_from_cache(proposal, on_record) and proposal.trial is not None:
                 todo.append(proposal)
         for outcome in self.pool.evaluate([p.config for p in todo]):
             self._finish(todo[outcome.index], outcome, on_record)
-        if batch and all(p.metrics or p.error for p in batch):
-            self.optimizer.tell(batch, np.array([self._minimised(p) for p in batch]))
+        if generation and all(p.metrics or p.error for p in generation):
+            self.optimizer.tell(generation, np.array([self._minimised(p) for p in generation]))
 
     def _evaluate_stream(self, trials: int, on_record) -> None:
         """Ask the optimizer for one proposal whenever a worker is free, until ``trials`` are recorded or running.
