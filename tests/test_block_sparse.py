@@ -84,21 +84,23 @@ def test_kernel_matches_reference_at_several_sparsities(block, sparsity):
 
 
 @needs_triton
+@pytest.mark.parametrize("feature_major", [False, True])
 @pytest.mark.parametrize("blocks_per_step", [1, 2, 4])
-def test_kernel_steps_over_several_kept_blocks_at_once(monkeypatch, blocks_per_step):
-    """Every KB the autotuner may pick is exact, block-rows whose kept count is no multiple of KB included."""
+def test_every_kernel_layout_is_exact(monkeypatch, blocks_per_step, feature_major):
+    """Every KB and tile layout the autotuner may pick is exact, also where a kept count is no multiple of KB."""
     import triton
 
     from hwnas.kernels import block_sparse
 
     kernel = block_sparse._bsr_linear_kernel
-    monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_M": 32, "KB": blocks_per_step})])
+    config = {"BLOCK_M": 32, "KB": blocks_per_step, "FEATURE_MAJOR": feature_major}
+    monkeypatch.setattr(kernel, "configs", [triton.Config(config)])
     monkeypatch.setattr(kernel, "cache", {})
     mask = random_mask(6, 7, 0.4, seed=blocks_per_step)
     mask[0], mask[1] = False, True  # an empty block-row and a full one (7 kept blocks)
     weight, bias = make(96, 112, 16, mask)
     check(torch.randn(45, 112), weight, bias)
-    assert block_sparse.tuned_config()["KB"] == blocks_per_step
+    assert block_sparse.tuned_config() == {**config, "num_warps": 4, "num_stages": 3}
 
 
 @needs_triton

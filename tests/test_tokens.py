@@ -87,7 +87,7 @@ def test_ucc_keeps_the_best_scored_tokens_and_fuses_the_rest_into_the_most_simil
     patches = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.0, 3.0]]])
     keys = patches.clone()  # similarity follows the features: patch 2 is like patch 0, patch 3 like patch 1
     attention = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    state = _state(patches, attention=attention, attention_sum=attention, observed=1, keys=keys)
+    state = _state(patches, attention=attention, attention_sum=attention, keys=keys)
     out = UccMethod(spectral_weight=0.0).reduce(state, keep=2)
     expected = torch.stack([(patches[0, 0] + patches[0, 2]) / 2, (patches[0, 1] + patches[0, 3]) / 2])
     assert torch.allclose(out.patches[0], expected, atol=1e-6)  # size-weighted means
@@ -108,7 +108,7 @@ def test_ucc_reduce_matches_a_token_by_token_reference(sized):
     history = torch.rand(batch, count, generator=generator)
     size = torch.randint(1, 4, (batch, count), generator=generator).float() if sized else None
     spectral = torch.rand(batch, count, generator=generator) if sized else None
-    state = replace(_state(patches, attention_sum=history, observed=2, keys=keys, size=size, spectral=spectral),
+    state = replace(_state(patches, attention_sum=history, keys=keys, size=size, spectral=spectral),
                     grid=(3, 3))
     method = UccMethod(spectral_weight=0.3)
     out = method.reduce(state, keep)
@@ -117,7 +117,7 @@ def test_ucc_reduce_matches_a_token_by_token_reference(sized):
     score = 0.7 * history / history.sum(1, keepdim=True) + 0.3 * spectral / spectral.sum(1, keepdim=True)
     size = torch.ones(batch, count) if size is None else size
     for b in range(batch):
-        kept = sorted(score[b].argsort(descending=True)[:keep].tolist())
+        kept = score[b].argsort(descending=True)[:keep].tolist()  # best first
         new_of = {k: i for i, k in enumerate(kept)}
         unit = torch.nn.functional.normalize(keys[b], dim=-1)
         for n in range(count):
@@ -137,7 +137,7 @@ def test_ucc_measures_the_spectral_energy_once(monkeypatch):
     """The first cut measures it on the grid's patches; later cuts use what the fused tokens carry."""
     torch.manual_seed(0)
     patches = torch.randn(1, 16, 4)
-    state = replace(_state(patches, attention_sum=torch.rand(1, 16), observed=1, keys=torch.randn(1, 16, 3)),
+    state = replace(_state(patches, attention_sum=torch.rand(1, 16), keys=torch.randn(1, 16, 3)),
                     grid=(4, 4))
     method = UccMethod()
     first = method.reduce(state, keep=8)
@@ -233,7 +233,7 @@ def test_triton_merge_matches_torch(vit, method):
     patches, keys = torch.randn(2, 16, 8), torch.randn(2, 16, 4)
     attention = torch.rand(2, 16)
     state = TokenState(x=torch.cat([torch.zeros(2, 1, 8), patches], 1), prefix=1, grid=(4, 4), attention=attention,
-                       attention_sum=attention, observed=1, keys=keys)
+                       attention_sum=attention, keys=keys)
     cls = TOKEN_METHODS[method]
     with torch.inference_mode():
         expected = cls(use_triton=False).reduce(state, keep=6)

@@ -1,6 +1,7 @@
-"""Kernels: the Triton block-sparse × dense linear (BSR weights), its torch reference and CPU paths."""
+"""Kernels: the Triton block-sparse × dense linear (BSR weights) and the token kernels, with their torch paths."""
 
 from hwnas.kernels.block_sparse import BlockSparseLinear, BsrWeight, bsr_linear, bsr_linear_reference
+from hwnas.kernels.class_attention import class_attention
 from hwnas.kernels.gather_scatter import gather_rows, scatter_add_rows_, scatter_rows_
 
 __all__ = [
@@ -8,6 +9,7 @@ __all__ = [
     "BsrWeight",
     "bsr_linear",
     "bsr_linear_reference",
+    "class_attention",
     "gather_rows",
     "scatter_add_rows_",
     "scatter_rows_",

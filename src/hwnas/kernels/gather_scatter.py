@@ -93,7 +93,7 @@ def _check(x: Tensor, rows: Tensor, values: Tensor | None = None, weights: Tenso
             raise ValueError(f"all inputs must be on x's device {x.device}, got one on {t.device}")
 
 
-def _use_triton(use_triton: bool | None, x: Tensor, *inputs: Tensor | None) -> bool:
+def should_use_triton(use_triton: bool | None, x: Tensor, *inputs: Tensor | None) -> bool:
     """Whether to run the kernels (see the module docstring); raise if ``use_triton`` forces an impossible run."""
     autograd = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *inputs))
     problem = _triton_problem(x, autograd)
@@ -176,7 +176,7 @@ def _index_into_(x: Tensor, rows: Tensor, values: Tensor, accumulate: bool) -> T
 def gather_rows(x: Tensor, rows: Tensor, use_triton: bool | None = None) -> Tensor:
     """``out[b, r, :] = x[b, rows[b, r], :]``: a new contiguous ``[B, R, C]`` tensor."""
     _check(x, rows)
-    if not _use_triton(use_triton, x):
+    if not should_use_triton(use_triton, x):
         table, step = _row_table(x)
         return table.index_select(0, _table_index(rows, step, x.shape[1])).reshape(*rows.shape, x.shape[2])
     out = x.new_empty(*rows.shape, x.shape[2])
@@ -187,7 +187,7 @@ def gather_rows(x: Tensor, rows: Tensor, use_triton: bool | None = None) -> Tens
 def scatter_rows_(x: Tensor, rows: Tensor, values: Tensor, use_triton: bool | None = None) -> Tensor:
     """In place ``x[b, rows[b, r], :] = values[b, r, :]``; returns ``x``. Rows of one image must be distinct."""
     _check(x, rows, values)
-    if _use_triton(use_triton, x, values):
+    if should_use_triton(use_triton, x, values):
         _launch(_scatter_kernel, x, rows, values.contiguous(), values, ACCUMULATE=False, HAS_WEIGHTS=False)
         return x
     return _index_into_(x, rows, values, accumulate=False)
@@ -201,7 +201,7 @@ def scatter_add_rows_(
     The product is taken in fp32 (or wider, following ``x``) and rounded once to ``x.dtype``.
     """
     _check(x, rows, values, weights)
-    if _use_triton(use_triton, x, values, weights):
+    if should_use_triton(use_triton, x, values, weights):
         w = values if weights is None else weights.contiguous()
         _launch(_scatter_kernel, x, rows, values.contiguous(), w, ACCUMULATE=True, HAS_WEIGHTS=weights is not None)
         return x

@@ -63,7 +63,7 @@ class TokenState:
     ``x [B, T, C]`` holds ``prefix`` tokens then ``T - prefix`` patch tokens. The others describe
     the patch tokens only: ``size [B, N]`` how many patches each stands for (None: all 1),
     ``attention [B, N]`` the class token's attention in the last observed block,
-    ``attention_sum`` its sum over the observed blocks (``observed`` of them), ``keys [B, N, D]``
+    ``attention_sum`` its sum over the observed blocks, ``keys [B, N, D]``
     the last block's attention keys (mean over heads), ``spectral [B, N]`` the high-frequency
     energy measured at the first cut (summed over the tokens a fused token absorbed).
     """
@@ -74,7 +74,6 @@ class TokenState:
     size: Tensor | None = None
     attention: Tensor | None = None
     attention_sum: Tensor | None = None
-    observed: int = 0
     keys: Tensor | None = None
     spectral: Tensor | None = None
 
@@ -121,21 +120,24 @@ class UccMethod(TokenMethod):
 
     def observe(self, state: TokenState, attention: Tensor | None, keys: Tensor | None) -> TokenState:
         total = attention if state.attention_sum is None else state.attention_sum + attention
-        return replace(state, attention=attention, keys=keys, attention_sum=total, observed=state.observed + 1)
+        return replace(state, attention=attention, keys=keys, attention_sum=total)
 
     def scores(self, state: TokenState) -> Tensor:
-        """The combined score of every patch token [B, N] (each part sums to one per image)."""
-        spatial = _normalised(state.attention_sum / state.observed if self.cumulative else state.attention)
+        """The combined score of every patch token [B, N] (each part sums to one per image).
+
+        Normalised per image, the accumulated sum ranks as the running mean does.
+        """
+        spatial = _normalised(state.attention_sum if self.cumulative else state.attention)
         if self.spectral_weight == 0.0:
             return spatial
-        return (1.0 - self.spectral_weight) * spatial + self.spectral_weight * _normalised(state.spectral)
+        return torch.lerp(spatial, _normalised(state.spectral), self.spectral_weight)
 
     def reduce(self, state: TokenState, keep: int) -> TokenState:
         if self.spectral_weight > 0.0 and state.spectral is None:  # the first cut: the tokens are the grid's patches
             state = replace(state, spectral=spectral_energy(state.patches, state.grid))
-        ranked = self.scores(state).argsort(dim=1, descending=True)
-        # the kept tokens in their original order, then the pruned ones: every per-token table is gathered once
-        order = torch.cat([ranked[:, :keep].sort(dim=1).values, ranked[:, keep:]], dim=1)
+        # the kept tokens, best first, then the pruned ones: every per-token table is gathered once. Past the
+        # position embedding a ViT's blocks do not see token order, so the kept ones need no sort back
+        order = self.scores(state).argsort(dim=1, descending=True)
         keys = gather_rows(F.normalize(state.keys, dim=-1), order)
         target = (keys[:, keep:] @ keys[:, :keep].transpose(1, 2)).argmax(dim=-1)  # most similar kept token [B, P]
         rows = gather_rows(state.patches, order, self.use_triton)
@@ -202,17 +204,14 @@ def spectral_energy(patches: Tensor, grid: tuple[int, int]) -> Tensor:
     """Per patch token [B, P] (token p is patch p of ``grid``), the energy of its high-pass residual.
 
     With U the low-pass basis [P, r] (``low_pass_basis``) the grid signal x has the residual
-    x - U Z, Z = Uᵀ x. Patch p's energy ||x_p - U_p Z||² expands to
-    ||x_p||² - 2 U_p·(x_p Zᵀ) + U_p Z Zᵀ U_pᵀ: thin matmuls, and no [B, P, C] residual is formed.
+    x - U (Uᵀ x): two thin matmuls, the second fused with the subtraction.
     """
     x = patches.float()
     basis = low_pass_basis(*grid, str(x.device))  # U [P, r]
     if x.shape[1] != basis.shape[0]:
         raise ValueError(f"spectral_energy needs one token per patch of the {grid[0]}x{grid[1]} grid, got {x.shape[1]}")
-    low = basis.T @ x  # Z [B, r, C]
-    total = (x.square().sum(-1) - 2 * (basis * (x @ low.transpose(1, 2))).sum(-1)
-             + ((basis @ (low @ low.transpose(1, 2))) * basis).sum(-1))
-    return total.clamp_min(0.0)
+    residual = torch.baddbmm(x, basis.expand(len(x), -1, -1), basis.T @ x, alpha=-1)
+    return torch.linalg.vector_norm(residual, dim=-1).square()
 
 
 @functools.lru_cache(maxsize=16)
@@ -237,7 +236,7 @@ def low_pass_basis(height: int, width: int, device: str = "cpu") -> Tensor:
 
 
 def _normalised(score: Tensor) -> Tensor:
-    score = score.float().clamp_min(0.0)
+    """A non-negative fp32 score [B, N] scaled to sum to one per image."""
     return score / score.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hwnas.errors import HwnasError
+from hwnas.kernels.class_attention import class_attention
 from hwnas.pruning.token_methods import DEFAULT_TOKEN_METHOD, TokenMethod, TokenState, token_method
 
 
@@ -87,20 +88,13 @@ def observed_block(block: nn.Module, x: torch.Tensor, num_prefix_tokens: int, si
     qkv = attn.qkv(h).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    bias = None
-    if size is not None:
-        prefix = size.new_ones(batch, num_prefix_tokens)
-        bias = torch.cat([prefix, size], dim=1).log().to(q.dtype)[:, None, None, :]
+    log_size = None if size is None else torch.cat([size.new_ones(batch, num_prefix_tokens), size], dim=1).log()
+    bias = None if log_size is None else log_size.to(q.dtype)[:, None, None, :]
+    # the class token's row and the keys first, while the qkv projection just written is still in cache
+    attention = class_attention(q, k, attn.scale, log_size)[:, num_prefix_tokens:] if want_attention else None
+    keys = k.mean(dim=1)[:, num_prefix_tokens:] if want_keys else None
     dropout = attn.attn_drop.p if attn.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
-    attention = None
-    if want_attention:
-        # the class token's row only: multiply-and-sum reads k in place (a matmul would copy the strided view)
-        logits = (k * (q[:, :, :1] * attn.scale)).sum(-1)  # [B, H, T]
-        if bias is not None:
-            logits = logits + bias[:, 0]
-        attention = logits.softmax(dim=-1).mean(dim=1)[:, num_prefix_tokens:]
-    keys = k.mean(dim=1)[:, num_prefix_tokens:] if want_keys else None
     out = attn.norm(out.transpose(1, 2).reshape(batch, tokens, attn.attn_dim))
     if gate is not None:
         out = out * gate

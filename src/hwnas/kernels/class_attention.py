@@ -1,0 +1,105 @@
+"""The class token's attention to every token, averaged over heads: what token pruning ranks by.
+
+Fused attention (``F.scaled_dot_product_attention``) never forms the attention matrix, so the
+class token's row is computed again from the block's queries and keys: per head
+``softmax_t(scale · q₀·k_t + bias_t)``, then the mean over the heads, ``[B, T]`` in fp32.
+
+* On CUDA, one Triton program per image loops over the heads; each head reads its keys
+  ``[T, D]`` once, in place from the qkv projection, and keeps the logits, softmax and running
+  mean in registers: one launch per block, where the torch path takes five or six. Token counts
+  up to ``MAX_TRITON_TOKENS`` (a 32×32 patch grid and its prefix tokens); beyond, the torch path.
+* The torch path (CPU, autograd, long sequences): the class queries laid out block-diagonally
+  ``[B, H, H·D]`` times the keys ``[B, H·D, T]`` (a view of the qkv projection): one batched
+  matmul gives every head's logits, with no ``[B, H, T, D]`` temporary.
+
+``use_triton`` follows ``hwnas.kernels.gather_scatter``: None runs Triton on CUDA tensors unless
+autograd records the call, True forces it (CPU tensors under ``TRITON_INTERPRET=1``), False forces torch.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from hwnas.kernels.gather_scatter import should_use_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton ships for Linux x86-64 only
+    triton = None
+
+#: the longest sequence the kernel holds in registers (1024 tokens × 64 channels per head)
+MAX_TRITON_TOKENS = 1024
+
+
+if triton is not None:
+
+    @triton.jit
+    def _class_attention_kernel(
+        q_ptr, k_ptr, bias_ptr, out_ptr, H, T, D, scale,
+        stride_qb, stride_qh, stride_kb, stride_kh, stride_kt,
+        HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        b = tl.program_id(0).to(tl.int64)
+        offs_t, offs_d = tl.arange(0, BLOCK_T), tl.arange(0, BLOCK_D)
+        in_t, in_d = offs_t < T, offs_d < D
+        bias = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + b * T + offs_t, mask=in_t, other=0.0).to(tl.float32)
+        total = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        for h in range(H):
+            q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d, mask=in_d, other=0.0).to(tl.float32)
+            keys = k_ptr + b * stride_kb + h * stride_kh + offs_t[:, None] * stride_kt + offs_d[None, :]
+            k = tl.load(keys, mask=in_t[:, None] & in_d[None, :], other=0.0).to(tl.float32)
+            logits = tl.where(in_t, tl.sum(k * q[None, :], axis=1) * scale + bias, float("-inf"))
+            p = tl.exp(logits - tl.max(logits, axis=0))
+            total += p / tl.sum(p, axis=0)
+        tl.store(out_ptr + b * T + offs_t, total / H, mask=in_t)
+
+
+def class_attention(
+    q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None, use_triton: bool | None = None
+) -> Tensor:
+    """The class token's (token 0's) attention to each of the T tokens, mean over heads: ``[B, T]`` fp32.
+
+    ``q``, ``k``: ``[B, H, T, D]`` (strided views of a qkv projection are read in place);
+    ``bias [B, T]`` is added to every head's logits (e.g. ``log size`` for proportional attention).
+    """
+    if q.dim() != 4 or k.shape != q.shape:
+        raise ValueError(f"expected q and k of one shape [B, H, T, D], got {tuple(q.shape)} and {tuple(k.shape)}")
+    batch, heads, tokens, channels = k.shape
+    if bias is not None and tuple(bias.shape) != (batch, tokens):
+        raise ValueError(f"bias must be [B, T] = {(batch, tokens)}, got {tuple(bias.shape)}")
+    fits = tokens <= MAX_TRITON_TOKENS and channels <= 128
+    if not (fits and should_use_triton(use_triton, k, q, bias)):
+        return _class_attention_torch(q, k, scale, bias)
+    q0, k = q[:, :, 0], k if k.stride(-1) == 1 else k.contiguous()
+    q0 = q0 if q0.stride(-1) == 1 else q0.contiguous()
+    out = torch.empty(batch, tokens, device=k.device, dtype=torch.float32)
+    block_t, block_d = triton.next_power_of_2(tokens), triton.next_power_of_2(channels)
+    _class_attention_kernel[(batch,)](
+        q0, k, out if bias is None else bias.contiguous(), out, heads, tokens, channels, float(scale),
+        q0.stride(0), q0.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        HAS_BIAS=bias is not None, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4 if block_t * block_d <= 16384 else 8,
+    )  # fmt: skip
+    return out
+
+
+def _class_attention_torch(q: Tensor, k: Tensor, scale: float, bias: Tensor | None) -> Tensor:
+    batch, heads, tokens, channels = k.shape
+    keys = k.transpose(1, 2).reshape(batch, tokens, heads * channels)  # a view when k is one of qkv's
+    eye = _scaled_identity(heads, scale, q.dtype, str(q.device))
+    queries = (eye[:, :, None] * q[:, None, :, 0]).reshape(batch, heads, heads * channels)  # head h: q₀ in slot h
+    logits = torch.bmm(queries, keys.transpose(1, 2)).float()  # [B, H, T]
+    if bias is not None:
+        logits = logits + bias.float()[:, None]
+    return logits.softmax(dim=-1).mean(dim=1)
+
+
+@functools.lru_cache(maxsize=16)
+def _scaled_identity(size: int, scale: float, dtype: torch.dtype, device: str) -> Tensor:
+    with torch.inference_mode(False), torch.no_grad():  # cached: usable in and out of inference mode
+        return torch.eye(size, dtype=dtype, device=device).mul_(scale)

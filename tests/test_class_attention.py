@@ -1,0 +1,71 @@
+"""The class token's attention row: the torch path against the full attention matrix, the Triton kernel against torch.
+
+The Triton tests run on the CPU under ``TRITON_INTERPRET=1`` (or on CUDA) and skip otherwise.
+"""
+
+import os
+
+import pytest
+import torch
+
+from hwnas.kernels import class_attention
+from hwnas.kernels.block_sparse import triton_available
+
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+needs_triton = pytest.mark.skipif(not triton_available(DEVICE), reason="needs Triton, and CUDA or TRITON_INTERPRET=1")
+
+
+def qkv_views(batch: int, tokens: int, heads: int, channels: int, dtype=torch.float32, seed: int = 0):
+    """q, k as timm's Attention makes them: strided [B, H, T, D] views of one qkv projection."""
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(batch, tokens, 3 * heads * channels, generator=gen).to(dtype)
+    q, k, _ = qkv.reshape(batch, tokens, 3, heads, channels).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k
+
+
+def full_attention_row(q, k, scale, bias=None):
+    """Row 0 of the whole softmax(q kᵀ · scale + bias) matrix, mean over heads, in float64."""
+    logits = (q.double() @ k.double().transpose(-2, -1)) * scale  # [B, H, T, T]
+    if bias is not None:
+        logits = logits + bias.double()[:, None, None, :]
+    return logits.softmax(-1)[:, :, 0].mean(1)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_torch_path_is_row_zero_of_the_attention_matrix(with_bias):
+    q, k = qkv_views(3, 17, 4, 8)
+    bias = torch.rand(3, 17).log() if with_bias else None
+    got = class_attention(q, k, 8**-0.5, bias, use_triton=False)
+    assert got.dtype == torch.float32 and got.shape == (3, 17)
+    torch.testing.assert_close(got.double(), full_attention_row(q, k, 8**-0.5, bias), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.sum(1), torch.ones(3))
+
+
+@needs_triton
+@pytest.mark.parametrize("tokens, channels", [(17, 8), (197, 64), (50, 24)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_kernel_matches_the_attention_matrix(tokens, channels, dtype, with_bias):
+    """Odd token counts, head sizes that are no power of two, strided qkv views, half precision."""
+    q, k = qkv_views(2, tokens, 3, channels, dtype, seed=tokens)
+    bias = torch.rand(2, tokens).log() if with_bias else None
+    on = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    got = class_attention(on(q), on(k), channels**-0.5, on(bias), use_triton=True).cpu()
+    assert got.dtype == torch.float32 and got.shape == (2, tokens)
+    tol = 1e-5 if dtype == torch.float32 else 1e-3
+    torch.testing.assert_close(got.double(), full_attention_row(q, k, channels**-0.5, bias), rtol=tol, atol=tol)
+
+
+def test_autograd_runs_the_torch_path():
+    q, k = qkv_views(2, 9, 2, 4)
+    q.requires_grad_(True)
+    class_attention(q, k, 0.5)[:, 1:].sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_rejects_mismatched_shapes():
+    q, k = qkv_views(2, 9, 2, 4)
+    with pytest.raises(ValueError, match="one shape"):
+        class_attention(q, k[:, :, :5], 0.5)
+    with pytest.raises(ValueError, match="bias must be"):
+        class_attention(q, k, 0.5, torch.zeros(2, 5))
