@@ -4,10 +4,10 @@ Fused attention (``F.scaled_dot_product_attention``) never forms the attention m
 class token's row is computed again from the block's queries and keys: per head
 ``softmax_t(scale · q₀·k_t + bias_t)``, then the mean over the heads, ``[B, T]`` in fp32.
 
-* On CUDA, one Triton program per image loops over the heads; each head reads its keys
-  ``[T, D]`` once, in place from the qkv projection, and keeps the logits, softmax and running
-  mean in registers: one launch per block, where the torch path takes five or six. Token counts
-  up to ``MAX_TRITON_TOKENS`` (a 32×32 patch grid and its prefix tokens); beyond, the torch path.
+* On CUDA, one Triton program per image and head reads that head's keys ``[T, D]`` once, in
+  place from the qkv projection, and keeps the logits and softmax in registers; the mean over
+  heads is one more launch, where the torch path takes five or six. Token counts up to
+  ``MAX_TRITON_TOKENS`` (a 32×32 patch grid and its prefix tokens); beyond, the torch path.
 * The torch path (CPU, autograd, long sequences): the class queries laid out block-diagonally
   ``[B, H, H·D]`` times the keys ``[B, H·D, T]`` (a view of the qkv projection): one batched
   matmul gives every head's logits, with no ``[B, H, T, D]`` temporary.
@@ -43,21 +43,18 @@ if triton is not None:
         stride_qb, stride_qh, stride_kb, stride_kh, stride_kt,
         HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        b = tl.program_id(0).to(tl.int64)
+        b, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
         offs_t, offs_d = tl.arange(0, BLOCK_T), tl.arange(0, BLOCK_D)
         in_t, in_d = offs_t < T, offs_d < D
-        bias = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d, mask=in_d, other=0.0).to(tl.float32)
+        keys = k_ptr + b * stride_kb + h * stride_kh + offs_t[:, None] * stride_kt + offs_d[None, :]
+        k = tl.load(keys, mask=in_t[:, None] & in_d[None, :], other=0.0).to(tl.float32)
+        logits = tl.sum(k * q[None, :], axis=1) * scale
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + b * T + offs_t, mask=in_t, other=0.0).to(tl.float32)
-        total = tl.zeros((BLOCK_T,), dtype=tl.float32)
-        for h in range(H):
-            q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d, mask=in_d, other=0.0).to(tl.float32)
-            keys = k_ptr + b * stride_kb + h * stride_kh + offs_t[:, None] * stride_kt + offs_d[None, :]
-            k = tl.load(keys, mask=in_t[:, None] & in_d[None, :], other=0.0).to(tl.float32)
-            logits = tl.where(in_t, tl.sum(k * q[None, :], axis=1) * scale + bias, float("-inf"))
-            p = tl.exp(logits - tl.max(logits, axis=0))
-            total += p / tl.sum(p, axis=0)
-        tl.store(out_ptr + b * T + offs_t, total / H, mask=in_t)
+            logits += tl.load(bias_ptr + b * T + offs_t, mask=in_t, other=0.0).to(tl.float32)
+        logits = tl.where(in_t, logits, float("-inf"))
+        p = tl.exp(logits - tl.max(logits, axis=0))
+        tl.store(out_ptr + (b * H + h) * T + offs_t, p / tl.sum(p, axis=0), mask=in_t)
 
 
 def class_attention(
@@ -78,14 +75,14 @@ def class_attention(
         return _class_attention_torch(q, k, scale, bias)
     q0, k = q[:, :, 0], k if k.stride(-1) == 1 else k.contiguous()
     q0 = q0 if q0.stride(-1) == 1 else q0.contiguous()
-    out = torch.empty(batch, tokens, device=k.device, dtype=torch.float32)
+    probs = torch.empty(batch, heads, tokens, device=k.device, dtype=torch.float32)
     block_t, block_d = triton.next_power_of_2(tokens), triton.next_power_of_2(channels)
-    _class_attention_kernel[(batch,)](
-        q0, k, out if bias is None else bias.contiguous(), out, heads, tokens, channels, float(scale),
+    _class_attention_kernel[(batch, heads)](
+        q0, k, probs if bias is None else bias.contiguous(), probs, heads, tokens, channels, float(scale),
         q0.stride(0), q0.stride(1), k.stride(0), k.stride(1), k.stride(2),
         HAS_BIAS=bias is not None, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4 if block_t * block_d <= 16384 else 8,
     )  # fmt: skip
-    return out
+    return probs.mean(dim=1)
 
 
 def _class_attention_torch(q: Tensor, k: Tensor, scale: float, bias: Tensor | None) -> Tensor:
