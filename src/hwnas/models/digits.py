@@ -203,8 +203,18 @@ def train_model(model: nn.Module, splits: DigitsSplits, recipe: TrainRecipe, des
 
     ``before_step`` runs before every optimisation step (e.g. to draw a random sparsity configuration);
     ``loss_fn(images, logits, labels)`` replaces the label-smoothed cross-entropy (e.g. distillation).
-    Only parameters that require grad are optimised.
+    Only parameters that require grad are optimised. Dropout and stochastic depth draw from torch's
+    global generator, seeded here from the recipe (and restored afterwards), so they do not depend
+    on what the process ran before.
     """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        _train(model, splits, recipe, description, progress, before_step, loss_fn)
+    model.eval()
+
+
+def _train(model: nn.Module, splits: DigitsSplits, recipe: TrainRecipe, description: str, progress: bool,
+           before_step: Callable[[], None] | None, loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor] | None) -> None:
     generator = torch.Generator().manual_seed(recipe.seed)
     n = len(splits.train_y)
     steps_per_epoch = math.ceil(n / recipe.batch_size)
@@ -237,7 +247,6 @@ def train_model(model: nn.Module, splits: DigitsSplits, recipe: TrainRecipe, des
                 loss_sum += loss.item() * len(batch)
                 correct += (logits.argmax(1) == splits.train_y[batch]).sum().item()
             bar.update(task, advance=1, status=f"loss {loss_sum / n:.3f}  train acc {correct / n:.1%}")
-    model.eval()
 
 
 @torch.inference_mode()
