@@ -3,6 +3,7 @@
 The Triton tests run on the CPU under ``TRITON_INTERPRET=1`` (or on CUDA) and skip otherwise.
 """
 
+import importlib
 import os
 
 import pytest
@@ -69,3 +70,19 @@ def test_rejects_mismatched_shapes():
         class_attention(q, k[:, :, :5], 0.5)
     with pytest.raises(ValueError, match="bias must be"):
         class_attention(q, k, 0.5, torch.zeros(2, 5))
+
+
+@needs_triton
+def test_tiles_too_large_for_one_program_take_the_torch_path(monkeypatch):
+    module = importlib.import_module("hwnas.kernels.class_attention")  # the package's name is the function
+    calls = []
+    torch_path = module._class_attention_torch
+    monkeypatch.setattr(module, "_class_attention_torch", lambda *args: calls.append(1) or torch_path(*args))
+    q, k = qkv_views(1, 17, 2, 8)
+    on = lambda t: t.to(DEVICE)  # noqa: E731
+    class_attention(on(q), on(k), 0.5, use_triton=True)  # a 32 × 8 tile: the kernel
+    assert calls == []
+    monkeypatch.setattr(module, "MAX_TRITON_TILE", 128)
+    got = class_attention(on(q), on(k), 0.5, use_triton=True).cpu()
+    assert calls == [1]
+    torch.testing.assert_close(got.double(), full_attention_row(q, k, 0.5), rtol=1e-5, atol=1e-6)

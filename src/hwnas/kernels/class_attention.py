@@ -6,8 +6,8 @@ class token's row is computed again from the block's queries and keys: per head
 
 * On CUDA, one Triton program per image and head reads that head's keys ``[T, D]`` once, in
   place from the qkv projection, and keeps the logits and softmax in registers; the mean over
-  heads is one more launch, where the torch path takes five or six. Token counts up to
-  ``MAX_TRITON_TOKENS`` (a 32×32 patch grid and its prefix tokens); beyond, the torch path.
+  heads is one more launch, where the torch path takes five or six. Beyond ``MAX_TRITON_TILE``
+  (1024 tokens of 64 channels), the torch path.
 * The torch path (CPU, autograd, long sequences): the class queries laid out block-diagonally
   ``[B, H, H·D]`` times the keys ``[B, H·D, T]`` (a view of the qkv projection): one batched
   matmul gives every head's logits, with no ``[B, H, T, D]`` temporary.
@@ -31,8 +31,9 @@ try:
 except ImportError:  # triton ships for Linux x86-64 only
     triton = None
 
-#: the longest sequence the kernel holds in registers (1024 tokens × 64 channels per head)
-MAX_TRITON_TOKENS = 1024
+#: the largest [tokens, channels] tile (each rounded up to a power of two) one program holds in registers:
+#: 1024 tokens of 64 channels, a 32×32 patch grid and its prefix tokens
+MAX_TRITON_TILE = 1024 * 64
 
 
 if triton is not None:
@@ -70,13 +71,15 @@ def class_attention(
     batch, heads, tokens, channels = k.shape
     if bias is not None and tuple(bias.shape) != (batch, tokens):
         raise ValueError(f"bias must be [B, T] = {(batch, tokens)}, got {tuple(bias.shape)}")
-    fits = tokens <= MAX_TRITON_TOKENS and channels <= 128
-    if not (fits and should_use_triton(use_triton, k, q, bias)):
+    if not should_use_triton(use_triton, k, q, bias):
         return _class_attention_torch(q, k, scale, bias)
-    q0, k = q[:, :, 0], k if k.stride(-1) == 1 else k.contiguous()
-    q0 = q0 if q0.stride(-1) == 1 else q0.contiguous()
-    probs = torch.empty(batch, heads, tokens, device=k.device, dtype=torch.float32)
     block_t, block_d = triton.next_power_of_2(tokens), triton.next_power_of_2(channels)
+    if block_t * block_d > MAX_TRITON_TILE:
+        return _class_attention_torch(q, k, scale, bias)
+    q0 = q[:, :, 0]
+    if q0.stride(-1) != 1 or k.stride(-1) != 1:  # the kernel reads channels contiguously
+        q0, k = q0.contiguous(), k.contiguous()
+    probs = torch.empty(batch, heads, tokens, device=k.device, dtype=torch.float32)
     _class_attention_kernel[(batch, heads)](
         q0, k, probs if bias is None else bias.contiguous(), probs, heads, tokens, channels, float(scale),
         q0.stride(0), q0.stride(1), k.stride(0), k.stride(1), k.stride(2),

@@ -90,7 +90,6 @@ def observed_block(block: nn.Module, x: torch.Tensor, num_prefix_tokens: int, si
     q, k = attn.q_norm(q), attn.k_norm(k)
     log_size = None if size is None else torch.cat([size.new_ones(batch, num_prefix_tokens), size], dim=1).log()
     bias = None if log_size is None else log_size.to(q.dtype)[:, None, None, :]
-    # the class token's row and the keys first, while the qkv projection just written is still in cache
     attention = class_attention(q, k, attn.scale, log_size)[:, num_prefix_tokens:] if want_attention else None
     keys = k.mean(dim=1)[:, num_prefix_tokens:] if want_keys else None
     dropout = attn.attn_drop.p if attn.training else 0.0
