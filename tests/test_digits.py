@@ -66,3 +66,24 @@ def test_builtin_models_are_accurate(name):
     model = digits.create_digits_model(name, progress=False)
     splits = digits.load_digits_splits(img_size=digits.DIGITS_MODELS[name]["img_size"])
     assert digits.evaluate_accuracy(model, splits.test_x, splits.test_y) >= 0.95
+
+
+def test_training_with_dropout_does_not_depend_on_the_global_generator():
+    """Stochastic depth and dropout draw from torch's global generator: training seeds it from the recipe,
+    so the same recipe trains the same weights whatever the process drew before, and leaves it as it was."""
+    splits = digits.load_digits_splits(img_size=32)
+    recipe = dataclasses.replace(digits.RECIPES["digits-deit"], epochs=1)
+    arch = dict(digits.DIGITS_MODELS["digits-deit"], embed_dim=24, depth=1, num_heads=2, drop_path_rate=0.5,
+                drop_rate=0.3)
+    initial = digits.VisionTransformer(**arch).state_dict()
+    trained = []
+    for earlier_draws in (1, 1000):
+        torch.rand(earlier_draws)  # the global generator in another state each time
+        model = digits.VisionTransformer(**arch)
+        model.load_state_dict(initial)
+        before = torch.random.get_rng_state()
+        digits.train_model(model, splits, recipe, progress=False)
+        assert torch.equal(torch.random.get_rng_state(), before)
+        trained.append(model.state_dict())
+    for name, tensor in trained[0].items():
+        assert torch.equal(tensor, trained[1][name]), name
