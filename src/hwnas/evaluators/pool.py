@@ -103,8 +103,6 @@ class RayPool:
         self._ray = ray
         if not ray.is_initialized():
             os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-            if address is None:  # a local cluster: Ray's default token authentication, without its notice
-                os.environ.setdefault("RAY_AUTH_MODE", "token")
             ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
                      **({} if address else {"num_cpus": os.cpu_count()}))
         threads = max(1, (os.cpu_count() or 1) // workers)
