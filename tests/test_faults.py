@@ -215,3 +215,20 @@ def test_bad_input_found_by_a_starting_worker_is_one_line(log_dir, tmp_path):
 def test_run_settings_carry_the_fault_policy():
     assert RunSettings().fault_policy() == FaultPolicy(timeout_s=900.0, retries=2)
     assert RunSettings(trial_timeout=0, retries=5).fault_policy() == FaultPolicy(timeout_s=None, retries=5)
+
+
+def test_rays_default_auth_notice_is_dropped_and_its_other_warnings_kept(caplog):
+    """A local start prints Ray's "token authentication is enabled" notice at every search run; the pool drops
+    that one line (Ray's own functions emit it here, so a renamed logger fails this test)."""
+    from ray._private.authentication import authentication_token_setup as ray_auth
+
+    from hwnas.evaluators import pool
+
+    pool._quiet_default_auth_notice()
+    pool._quiet_default_auth_notice()
+    with caplog.at_level("WARNING", logger=ray_auth.logger.name):
+        ray_auth._warn_token_auth_enabled()
+        ray_auth._warn_token_auth_disabled()
+    assert [record.getMessage().split(".")[0] for record in caplog.records] == [
+        "Token authentication is disabled for this Ray cluster"]
+    assert ray_auth.logger.filters.count(pool._drop_default_auth_notice) == 1

@@ -16,6 +16,7 @@ Every configuration handed to ``evaluate`` yields exactly one Outcome.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 import time
@@ -103,6 +104,7 @@ class RayPool:
         self._ray = ray
         if not ray.is_initialized():
             os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+            _quiet_default_auth_notice()
             ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
                      **({} if address else {"num_cpus": os.cpu_count()}))
         threads = max(1, (os.cpu_count() or 1) // workers)
@@ -278,3 +280,15 @@ def make_pool(space_source: dict, workers: int, device: str, address: str | None
     if workers == 0:
         return LocalPool(space_source, device, energy, hwprofile)
     return RayPool(space_source, workers, device, address, energy, faults, hwprofile)
+
+
+def _drop_default_auth_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+def _quiet_default_auth_notice() -> None:
+    """Drop Ray's notice, at every local start, that the cluster uses token authentication (its default);
+    its other authentication warnings still show."""
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if _drop_default_auth_notice not in logger.filters:
+        logger.addFilter(_drop_default_auth_notice)
