@@ -10,7 +10,9 @@ class token's row is computed again from the block's queries and keys: per head
   (1024 tokens of 64 channels), the torch path.
 * The torch path (CPU, autograd, long sequences): the class queries laid out block-diagonally
   ``[B, H, H·D]`` times the keys ``[B, H·D, T]`` (a view of the qkv projection): one batched
-  matmul gives every head's logits, with no ``[B, H, T, D]`` temporary.
+  matmul gives every head's logits, with no ``[B, H, T, D]`` temporary. For one image, one
+  matrix-vector product per head, which skips the block-diagonal's zeros (on a 2-core Xeon,
+  deit_small's row at batch 1: 34 µs against 48).
 
 ``use_triton`` follows ``hwnas.kernels.gather_scatter``: None runs Triton on CUDA tensors unless
 autograd records the call, True forces it (CPU tensors under ``TRITON_INTERPRET=1``), False forces torch.
@@ -90,12 +92,15 @@ def class_attention(
 
 def _class_attention_torch(q: Tensor, k: Tensor, scale: float, bias: Tensor | None) -> Tensor:
     batch, heads, tokens, channels = k.shape
+    if batch == 1:  # one image: one matrix-vector product per head, nothing wasted
+        logits = torch.bmm(q[0, :, :1], k[0].transpose(1, 2)).float().squeeze(1).mul_(scale)[None]  # [1, H, T]
+        logits = logits if bias is None else logits.add_(bias.float()[:, None])
+        return logits.softmax(dim=-1).mean(dim=1)
     keys = k.transpose(1, 2).reshape(batch, tokens, heads * channels)  # a view when k is one of qkv's
     eye = _scaled_identity(heads, scale, q.dtype, str(q.device))
     queries = (eye[:, :, None] * q[:, None, :, 0]).reshape(batch, heads, heads * channels)  # head h: q₀ in slot h
     logits = torch.bmm(queries, keys.transpose(1, 2)).float()  # [B, H, T]
-    if bias is not None:
-        logits = logits + bias.float()[:, None]
+    logits = logits if bias is None else logits.add_(bias.float()[:, None])
     return logits.softmax(dim=-1).mean(dim=1)
 
 

@@ -139,7 +139,7 @@ class UccMethod(TokenMethod):
         # position embedding a ViT's blocks do not see token order, so the kept ones need no sort back
         order = self.scores(state).argsort(dim=1, descending=True)
         keys = gather_rows(F.normalize(state.keys, dim=-1), order)
-        target = (keys[:, keep:] @ keys[:, :keep].transpose(1, 2)).argmax(dim=-1)  # most similar kept token [B, P]
+        target = (keys[:, keep:] @ keys[:, :keep].transpose(1, 2)).max(dim=-1).indices  # most similar kept token [B, P]
         rows = gather_rows(state.patches, order, self.use_triton)
         size = None if state.size is None else state.size.gather(1, order)
         merged, merged_size = _fuse(rows, size, keep, target, self.use_triton)
