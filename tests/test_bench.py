@@ -57,6 +57,7 @@ def test_models_bench_reports_energy_per_image_and_above_idle():
     case = {"model": "deit_base_patch16_224", "batch": 64, "dtype": "float16", "sparsity": 0.5, "block": 32}
     timing = {"min_ms": 0.0, "max_ms": 0.0, "repeats": 1}
     rows = [{"case": case, "impl": "dense", "median_ms": 6.0, **timing, "metrics": dense},
-            {"case": case, "impl": "hwnas", "median_ms": 4.0, **timing, "metrics": sparse}]
+            {"case": case, "impl": "hwnas", "median_ms": 4.0, **timing,
+             "metrics": {**sparse, "impls": {"triton": 40, "dense": 8}}}]
     cells = [next(iter(column.cells)) for column in summary(rows).columns]
-    assert cells[3:] == ["32", "6.0", "4.0", "1.50x", "2.00x (2.50x)", "triton"]
+    assert cells[3:] == ["32", "6.0", "4.0", "1.50x", "2.00x (2.50x)", "dense 8, triton 40"]

@@ -5,8 +5,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from hwnas.errors import HwnasError
-from hwnas.kernels.block_sparse import CPU_IMPLS, BlockSparseLinear
-from hwnas.pruning.block_layers import calibrate_block_sparse, to_block_sparse_layers
+from hwnas.kernels.block_sparse import IMPLS, BlockSparseLinear
+from hwnas.pruning.block_layers import calibrate_block_sparse, forced_impl, to_block_sparse_layers
 from hwnas.pruning.block_obs import find_linear_layers
 
 BLOCK = 16
@@ -53,23 +53,23 @@ def test_layers_are_replaced(pair):
     assert all(torch.equal(model.get_submodule(n).weight.block_mask(), pair[3][n]) for n in kernels)
 
 
-@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("impl", IMPLS["cpu"])
 def test_logits_match_every_cpu_impl(pair, impl):
     _, x, reference, _ = pair
     model = converted(pair)
-    for layer in model.modules():
-        if isinstance(layer, BlockSparseLinear):
-            layer.cpu_impl = impl
-    with torch.no_grad():
+    calibrated = calibrate_block_sparse(model, x, warmup=0, repeats=1)
+    with forced_impl(model, impl), torch.no_grad():
+        assert {m.impl["cpu"] for m in model.modules() if isinstance(m, BlockSparseLinear)} == {impl}
         torch.testing.assert_close(model(x), reference, rtol=0, atol=1e-5)
+    assert {n: model.get_submodule(n).impl["cpu"] for n in calibrated} == calibrated  # restored
 
 
 def test_logits_match_after_calibration(pair):
     _, x, reference, masks = pair
     model = converted(pair)
     chosen = calibrate_block_sparse(model, x, warmup=1, repeats=2)
-    assert set(chosen) == set(masks) and set(chosen.values()) <= set(CPU_IMPLS)
-    assert all(model.get_submodule(n).cpu_impl == impl for n, impl in chosen.items())
+    assert set(chosen) == set(masks) and set(chosen.values()) <= set(IMPLS["cpu"])
+    assert all(model.get_submodule(n).impl["cpu"] == impl for n, impl in chosen.items())
     assert not any(m._forward_pre_hooks for m in model.modules())
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference, rtol=0, atol=1e-5)
@@ -79,7 +79,12 @@ def test_logits_match_after_calibration(pair):
 def test_logits_match_on_cuda(pair):
     _, x, reference, _ = pair
     model = converted(pair).cuda()
-    assert calibrate_block_sparse(model, x.cuda()) == {n: "dense" for n in pair[3]}  # nothing measured
+    for impl in IMPLS["cuda"]:
+        with forced_impl(model, impl), torch.no_grad():
+            torch.testing.assert_close(model(x.cuda()).cpu(), reference, rtol=0, atol=1e-4)
+    chosen = calibrate_block_sparse(model, x.cuda(), warmup=1, repeats=3)
+    assert set(chosen) == set(pair[3]) and set(chosen.values()) <= set(IMPLS["cuda"])
+    assert all(model.get_submodule(n).impl == {"cpu": "dense", "cuda": impl} for n, impl in chosen.items())
     with torch.no_grad():
         torch.testing.assert_close(model(x.cuda()).cpu(), reference, rtol=0, atol=1e-4)
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hwnas.kernels.block_sparse import (
-    CPU_IMPLS,
+    IMPLS,
     BlockSparseLinear,
     BsrWeight,
     bsr_linear,
@@ -165,15 +165,27 @@ def layer():
     return linear, mask, BlockSparseLinear.from_linear(linear, mask, 32)
 
 
-@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("impl", IMPLS["cpu"])
 def test_module_cpu_paths_match_the_reference(layer, impl):
     linear, mask, module = layer
     expanded = mask.repeat_interleave(32, 0).repeat_interleave(32, 1)
     for x in (torch.randn(197, 128), torch.randn(2, 7, 128)):
         with torch.no_grad():
             ref = F.linear(x, linear.weight * expanded, linear.bias)
-            torch.testing.assert_close(module.cpu_forward(x, impl), ref, rtol=1e-5, atol=1e-5)
-            assert not torch.allclose(module.cpu_forward(x, impl), linear(x), atol=1e-2)
+            torch.testing.assert_close(module.forward_with(x, impl), ref, rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(module.forward_with(x, impl), linear(x), atol=1e-2)
+
+
+@needs_triton
+def test_module_triton_path_matches_the_reference(layer):
+    """The path CUDA runs by default (here under the interpreter on the CPU, or on CUDA)."""
+    linear, mask, module = layer
+    expanded = mask.repeat_interleave(32, 0).repeat_interleave(32, 1)
+    x = torch.randn(2, 7, 128)
+    with torch.no_grad():
+        ref = F.linear(x, linear.weight * expanded, linear.bias)
+        got = module.to(DEVICE).forward_with(x.to(DEVICE), "triton").cpu()
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_module_without_bias_and_state_round_trip(layer):
@@ -182,7 +194,7 @@ def test_module_without_bias_and_state_round_trip(layer):
     module = BlockSparseLinear.from_linear(linear, mask, 32)
     state = module.state_dict()
     assert set(state) == {"blocks", "col_indices", "row_offsets", "shape"}
-    rebuilt = BlockSparseLinear(BsrWeight.from_state(state), cpu_impl="gather")
+    rebuilt = BlockSparseLinear(BsrWeight.from_state(state), impl={"cpu": "gather"})
     x = torch.randn(5, 128)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), bsr_linear_reference(x, module.weight), rtol=1e-5, atol=1e-5)
@@ -190,14 +202,25 @@ def test_module_without_bias_and_state_round_trip(layer):
 
 def test_module_calibrate_records_the_fastest_path(layer):
     _, _, module = layer
-    assert module.cpu_impl == "dense"
+    assert module.impl == {"cpu": "dense", "cuda": "triton"}  # before calibration
     x = torch.randn(197, 128)
     timings = module.calibrate(x, warmup=1, repeats=3, margin=0.0)
-    assert set(timings) == set(CPU_IMPLS)
-    assert module.cpu_impl == min(timings, key=lambda impl: timings[impl].median_ms)
-    assert f"cpu_impl={module.cpu_impl}" in repr(module)
+    assert set(timings) == set(IMPLS["cpu"])
+    assert module.impl["cpu"] == min(timings, key=lambda impl: timings[impl].median_ms)
+    assert module.impl["cuda"] == "triton"  # a CPU example decides the CPU's path only
+    assert f"cpu={module.impl['cpu']}" in repr(module)
     module.calibrate(x, warmup=0, repeats=1, margin=1.0)  # nothing is 100% faster than dense
-    assert module.cpu_impl == "dense"
+    assert module.impl["cpu"] == "dense"
+
+
+def test_module_refuses_an_implementation_its_device_lacks(layer):
+    _, _, module = layer
+    with pytest.raises(ValueError, match="no implementation 'gather' on 'cuda'"):
+        BlockSparseLinear(module.weight, impl={"cuda": "gather"})
+    with pytest.raises(ValueError, match="no implementation 'dense' on 'tpu'"):
+        BlockSparseLinear(module.weight, impl={"tpu": "dense"})
+    with pytest.raises(ValueError, match="nothing to calibrate on 'meta'"):
+        module.calibrate(torch.empty(4, 128, device="meta"))
 
 
 def test_module_calibrate_leaves_out_unsupported_paths(layer):
@@ -205,17 +228,17 @@ def test_module_calibrate_leaves_out_unsupported_paths(layer):
     x = torch.randn(9, 128, dtype=torch.float16)
     timings = module.half().calibrate(x, warmup=0, repeats=1)
     try:  # PyTorch's CPU BSR matmul has no fp16 (torch 2.x)
-        module.cpu_forward(x, "torch_bsr")
+        module.forward_with(x, "torch_bsr")
         supported = True
     except RuntimeError:
         supported = False
-    assert "dense" in timings and ("torch_bsr" in timings) == supported and module.cpu_impl in timings
+    assert "dense" in timings and ("torch_bsr" in timings) == supported and module.impl["cpu"] in timings
 
 
-@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("impl", IMPLS["cpu"])
 def test_module_sees_new_weights_after_load_state_dict(layer, impl):
     _, _, module = layer
-    module.cpu_impl = impl
+    module.impl["cpu"] = impl
     x = torch.randn(4, 128)
     with torch.no_grad():
         module(x)  # builds the cached operand

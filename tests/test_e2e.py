@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -102,6 +103,12 @@ def test_export_loads_and_matches_the_evaluated_candidate(budget_run, tmp_path):
     pruned_kinds = [k for k, v in manifest["config"].items() if k.startswith("sparsity.") and v > 0]
     kernel_layers = [n for n, m in loaded.named_modules() if isinstance(m, BlockSparseLinear)]
     assert len(kernel_layers) == len(manifest["block_layers"]) == 6 * len(pruned_kinds)  # 6 blocks per kind
+    assert all(loaded.get_submodule(n).impl == manifest["block_layers"][n] for n in kernel_layers)
+    legacy = tmp_path / "legacy"  # exports before CUDA was calibrated recorded the CPU's path alone
+    shutil.copytree(export, legacy)
+    old_layers = {n: impl["cpu"] for n, impl in manifest["block_layers"].items()}
+    (legacy / "hwnas.json").write_text(json.dumps({**manifest, "block_layers": old_layers}))
+    assert {n: m.impl["cpu"] for n, m in hwnas.load(legacy).named_modules() if n in old_layers} == old_layers
 
     space = load_space()
     evaluator = Evaluator(space)

@@ -7,8 +7,9 @@ import timm
 import torch
 
 from hwnas.errors import HwnasError
-from hwnas.export.finetune import ClassTokens, dense_kernel_paths, distillation_loss, finetune_export
+from hwnas.export.finetune import ClassTokens, distillation_loss, finetune_export
 from hwnas.kernels.block_sparse import BlockSparseLinear
+from hwnas.pruning.block_layers import forced_impl
 from hwnas.pruning.token_methods import low_pass_basis
 from hwnas.pruning.tokens import apply_token_keep
 
@@ -52,12 +53,12 @@ def test_gradients_pass_block_sparse_layers_on_any_calibrated_path():
     first = torch.nn.Linear(32, 32)
     mask = torch.tensor([[True, False], [False, True]])
     sparse = BlockSparseLinear.from_linear(torch.nn.Linear(32, 32), mask, block=16)
-    sparse.cpu_impl = "torch_bsr"  # what calibration may pick: no backward
+    sparse.impl["cpu"] = "torch_bsr"  # what calibration may pick: no backward
     model = torch.nn.Sequential(first, sparse)
-    with dense_kernel_paths(model):
+    with forced_impl(model, "dense"):  # what finetune_export trains with
         model(torch.randn(3, 32)).sum().backward()
     assert first.weight.grad is not None and first.weight.grad.abs().sum() > 0
-    assert sparse.cpu_impl == "torch_bsr"
+    assert sparse.impl["cpu"] == "torch_bsr"
 
 
 def test_finetune_refuses_what_is_not_an_export(tmp_path):

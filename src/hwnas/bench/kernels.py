@@ -10,7 +10,8 @@ not Python's launch overhead (which Triton's autotuned launch makes large at the
 Implementations: ``dense`` is ``F.linear`` with the dense weight; ``torch_bsr`` is PyTorch's BSR
 (``weight.to_sparse_bsr((b, b))``, ``torch.addmm(bias, W, xᵀ)``), left out with the reason in
 the hwnas row's ``metrics`` where PyTorch does not support it; ``hwnas`` is ``BlockSparseLinear``:
-the Triton kernel on CUDA, on the CPU the path ``calibrate`` chose (``metrics.cpu_impl``). Each
+the Triton kernel on CUDA (this benchmark measures the kernel, so nothing is calibrated there), on
+the CPU the path ``calibrate`` chose (``metrics.cpu_impl``). Each
 hwnas row also checks its output: ``metrics.rel_err`` is ‖y − y_ref‖ / ‖y_ref‖ against ``F.linear``
 with the masked dense weight in float32 (fp16 rounding gives about 1e-3; a wrong kernel, ~1).
 """
@@ -80,7 +81,7 @@ def _case(
     metrics = {}
     if not cuda:
         layer.calibrate(x, warmup=1, repeats=3 if quick or batch > 1 else 5)
-        metrics["cpu_impl"] = layer.cpu_impl
+        metrics["cpu_impl"] = layer.impl["cpu"]
     timed = functools.partial(measure, device=device, warmup=warmup, repeats=repeats, cuda_graph=cuda)
     rows = [result_row(case, "dense", timed(lambda: F.linear(x, weight, bias)))]
     torch_bsr = lambda: torch.addmm(bias[:, None], sparse, x2.T).T  # noqa: E731

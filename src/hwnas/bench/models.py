@@ -3,8 +3,9 @@
 timm ``deit_base_patch16_224`` (random weights: time does not depend on values) dense, and the
 same weights with 50% block sparsity (seeded random masks with exactly half the blocks of each
 layer removed; b = 32, and on CUDA also b = 64) in every qkv/proj/fc1/fc2 layer, swapped for
-``BlockSparseLinear`` by ``to_block_sparse_layers``: the Triton kernel on CUDA, on the CPU the
-path each layer's ``calibrate`` chose for this batch (counts in ``metrics.cpu_impls``). Batch 1
+``BlockSparseLinear`` by ``to_block_sparse_layers``, each layer on the path its ``calibrate`` chose
+for this batch and device, as a deployed model runs (counts in ``metrics.impls``: the Triton
+kernel or dense on CUDA; dense, gather or PyTorch's BSR on the CPU). Batch 1
 and 64, float16 on CUDA (each model captured in a CUDA graph, whose replay is timed and metered),
 float32 on the CPU. ``metrics.energy_mj`` is the energy per image where a hardware counter exists
 (NVML, RAPL), never estimated; with the idle power read from the same counter before the runs,
@@ -64,11 +65,10 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
             warmup, repeats = (1, 3) if quick or batch > 1 else (2, 10)
         for block, sparse_model in sparse.items():
             case = {"model": MODEL, "batch": batch, "dtype": str(dtype).removeprefix("torch."), "sparsity": SPARSITY, "block": block}
-            sparse_metrics = {}
-            if not cuda:  # at batch 64 a layer call takes 0.1-1 s: one timed call per path
-                calib_warmup, calib_repeats = (0, 1) if batch > 1 else (1, 5)
-                chosen = calibrate_block_sparse(sparse_model, x, warmup=calib_warmup, repeats=calib_repeats)
-                sparse_metrics["cpu_impls"] = dict(Counter(chosen.values()))
+            # on the CPU at batch 64 a layer call takes 0.1-1 s: one timed call per path
+            calib_warmup, calib_repeats = (0, 1) if batch > 1 and not cuda else (1, 5)
+            chosen = calibrate_block_sparse(sparse_model, x, warmup=calib_warmup, repeats=calib_repeats)
+            sparse_metrics = {"impls": dict(Counter(chosen.values()))}
             for impl, model, metrics in (("dense", dense, {}), ("hwnas", sparse_model, sparse_metrics)):
                 call = functools.partial(model, x)
                 if cuda:  # latency and energy both of the graph's replay
@@ -91,7 +91,7 @@ def energy_metrics(energy: Energy, batch: int, idle_w: float | None) -> dict:
 
 def summary(rows: list[dict]) -> Table:
     table = Table(title="DeiT-B, 50% block sparsity vs dense (median ms)", title_justify="left", caption="ratios: dense ÷ hwnas; energy above idle in brackets")
-    for column in ("model", "batch", "dtype", "block", "dense", "hwnas", "speed-up", "energy ratio", "CPU paths"):
+    for column in ("model", "batch", "dtype", "block", "dense", "hwnas", "speed-up", "energy ratio", "paths"):
         table.add_column(column, justify="right")
     by_case: dict[tuple, dict[str, dict]] = {}
     for row in rows:
@@ -101,12 +101,12 @@ def summary(rows: list[dict]) -> Table:
         dense, ours = impls["dense"], impls["hwnas"]
         energy = [impl.get("metrics", {}).get("energy_mj") for impl in (dense, ours)]
         above_idle = [impl.get("metrics", {}).get("energy_above_idle_mj") for impl in (dense, ours)]
-        paths = ours.get("metrics", {}).get("cpu_impls", {})
+        paths = ours.get("metrics", {}).get("impls", {})
         table.add_row(
             model, str(batch), dtype, str(block), f"{dense['median_ms']:.1f}", f"{ours['median_ms']:.1f}",
             f"{dense['median_ms'] / ours['median_ms']:.2f}x",
             "n/a" if None in energy else f"{energy[0] / energy[1]:.2f}x"
             + ("" if None in above_idle else f" ({above_idle[0] / above_idle[1]:.2f}x)"),
-            ", ".join(f"{k} {v}" for k, v in sorted(paths.items())) or "triton",
+            ", ".join(f"{k} {v}" for k, v in sorted(paths.items())),
         )  # fmt: skip
     return table

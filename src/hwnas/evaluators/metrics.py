@@ -8,6 +8,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from hwnas.kernels.block_sparse import BlockSparseLinear
+from hwnas.pruning.block_layers import forced_impl
 
 
 @torch.inference_mode()
@@ -36,17 +37,8 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 
     Block-sparse layers are counted on their gather path, which multiplies kept blocks only.
     """
-    sparse = [m for m in model.modules() if isinstance(m, BlockSparseLinear)]
-    chosen = [m.cpu_impl for m in sparse]
-    for layer in sparse:
-        layer.cpu_impl = "gather"
-    try:
-        x = torch.zeros((1, *input_shape))
-        with FlopCounterMode(display=False) as counter:
-            model(x)
-    finally:
-        for layer, impl in zip(sparse, chosen):
-            layer.cpu_impl = impl
+    with forced_impl(model, "gather"), FlopCounterMode(display=False) as counter:
+        model(torch.zeros((1, *input_shape)))
     return int(counter.get_total_flops())
 
 

@@ -2,7 +2,7 @@
 
 ``OUT/model.safetensors`` holds the pruned model's state dict — block-sparse layers compactly,
 as their kept b×b blocks plus BSR indices; ``OUT/hwnas.json`` says how to rebuild its structure
-(base model, space, configuration, block-sparse layers and their CPU paths) and what the study
+(base model, space, configuration, block-sparse layers and their path per device) and what the study
 measured, on which hardware. ``load(OUT)`` builds the architecture, applies the same structural
 transforms, puts block-sparse kernel layers where the export has them and loads the weights
 (strictly), so the result computes what the evaluated candidate computed.
@@ -68,7 +68,8 @@ def export_model(study_path: str | Path, out: str | Path, trial: int | None = No
     space = study_dir.space
     evaluator = Evaluator(space)  # the study's model, data and pruned-weight databases
     model = apply_config(evaluator.model, space, chosen["config"], evaluator.pruner)
-    block_layers = calibrate_block_sparse(model, evaluator.latency_input)
+    calibrate_block_sparse(model, evaluator.latency_input)
+    block_layers = {name: m.impl for name, m in model.named_modules() if isinstance(m, BlockSparseLinear)}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -120,8 +121,8 @@ def load(path: str | Path) -> nn.Module:
         state = safetensors.torch.load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error types for truncated/garbled files
         raise HwnasError(f"{weights} is damaged: {exc}") from None
-    for name, cpu_impl in manifest.get("block_layers", {}).items():
-        model.set_submodule(name, _block_sparse_layer(state, name, cpu_impl, weights))
+    for name, impl in manifest.get("block_layers", {}).items():
+        model.set_submodule(name, _block_sparse_layer(state, name, impl, weights))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -130,11 +131,16 @@ def load(path: str | Path) -> nn.Module:
     return model.eval()
 
 
-def _block_sparse_layer(state: dict[str, Tensor], name: str, cpu_impl: str, weights: Path) -> BlockSparseLinear:
-    """The kernel layer ``name`` rebuilt from its BSR tensors in the exported state dict."""
+def _block_sparse_layer(state: dict[str, Tensor], name: str, impl: dict[str, str] | str, weights: Path
+                        ) -> BlockSparseLinear:
+    """The kernel layer ``name`` rebuilt from its BSR tensors in the exported state dict.
+
+    ``impl``: {device type: implementation}; earlier exports recorded the CPU's alone, as a string.
+    """
+    impl = {"cpu": impl} if isinstance(impl, str) else impl
     prefix = f"{name}."
     layer_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     try:
-        return BlockSparseLinear(BsrWeight.from_state(layer_state), layer_state.get("bias"), cpu_impl=cpu_impl)
-    except (KeyError, ValueError, RuntimeError) as exc:
+        return BlockSparseLinear(BsrWeight.from_state(layer_state), layer_state.get("bias"), impl=impl)
+    except (KeyError, ValueError, RuntimeError, AttributeError) as exc:
         raise HwnasError(f"{weights} is damaged: block-sparse layer '{name}': {exc}") from None

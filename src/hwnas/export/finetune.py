@@ -20,10 +20,8 @@ the recipe and the test accuracy before and after.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Iterator
 
 import safetensors.torch
 import torch
@@ -32,9 +30,9 @@ from torch import Tensor, nn
 
 from hwnas.errors import HwnasError
 from hwnas.export.exporter import FORMAT, load, read_manifest
-from hwnas.kernels.block_sparse import BlockSparseLinear
 from hwnas.models.digits import TrainRecipe, evaluate_accuracy, load_digits_splits, train_model
 from hwnas.models.registry import is_builtin, load_model
+from hwnas.pruning.block_layers import forced_impl
 
 SOFT_TEMPERATURE = 4.0
 EXPLORATION_WEIGHT = 0.5
@@ -66,24 +64,6 @@ class ClassTokens:
     def close(self) -> None:
         for handle in self.handles:
             handle.remove()
-
-
-@contextmanager
-def dense_kernel_paths(model: nn.Module) -> Iterator[None]:
-    """Run block-sparse layers on their dense CPU path (which autograd supports) inside the block.
-
-    Their blocks stay frozen, but gradients must flow through them to the layers before; the
-    calibrated paths (``gather``, PyTorch BSR) have no backward. The calibrated choice is restored.
-    """
-    layers = [m for m in model.modules() if isinstance(m, BlockSparseLinear)]
-    calibrated = [layer.cpu_impl for layer in layers]
-    for layer in layers:
-        layer.cpu_impl = "dense"
-    try:
-        yield
-    finally:
-        for layer, impl in zip(layers, calibrated):
-            layer.cpu_impl = impl
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, student_tokens: list[Tensor],
@@ -135,7 +115,7 @@ def finetune_export(export_dir: str | Path, out: str | Path, epochs: int | None 
         return distillation_loss(logits, teacher_logits, student_tokens.take(), teacher_tokens.take(), labels,
                                  recipe.label_smoothing)
 
-    with dense_kernel_paths(student):
+    with forced_impl(student, "dense"):  # frozen blocks, but gradients must pass them; only dense has a backward
         train_model(student, splits, recipe, "distilling", progress=progress, loss_fn=loss_fn)
     student_tokens.close()
     teacher_tokens.close()

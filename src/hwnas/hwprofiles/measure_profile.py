@@ -131,7 +131,7 @@ def _block_sparse_efficiency(device: torch.device, dtype: torch.dtype, gemm: lis
             return 1.0
         seconds = _seconds(lambda: bsr_linear(x, layer.weight, layer.bias), device, repeats)
     else:
-        seconds = min(_seconds(lambda i=impl: layer.cpu_forward(x, i), device, repeats) for impl in ("gather", "torch_bsr"))
+        seconds = min(_seconds(lambda i=impl: layer.forward_with(x, i), device, repeats) for impl in ("gather", "torch_bsr"))
     kept = 2.0 * 1088 * 768 * 3072 * float(mask.float().mean())
     return (kept / seconds) / interpolate(gemm, kept)
 

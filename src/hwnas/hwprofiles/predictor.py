@@ -9,9 +9,9 @@ dtype. Each operator then costs the profile's launch overhead plus
   the rest (adds, gathers, copies) at the element-wise rate;
 
 where a measured profile interpolates its cost tables by size and a spec profile uses peak ×
-efficiency (FLOPs) or its memory bandwidth (bytes). A block-sparse layer is one operator of its kept FLOPs at the profile's block-sparse
-efficiency; on a CPU it costs the lesser of that and the dense GEMM, as the runtime picks the
-faster path by measurement. Energy is predicted as time × power (``idle`` + ``active`` share where
+efficiency (FLOPs) or its memory bandwidth (bytes). A block-sparse layer is one operator of its
+kept FLOPs at the profile's block-sparse efficiency, or the dense GEMM where that is faster: on the
+CPU and on CUDA the runtime picks the faster path by measurement. Energy is predicted as time × power (``idle`` + ``active`` share where
 both are known, else TDP: an upper bound). Values are always named ``*_predicted``.
 """
 
@@ -147,7 +147,7 @@ class Predictor:
             sparse = max(op.flops / (self.rate("gemm", op.flops) * self.profile.block_sparse_efficiency),
                          moved / self.bandwidth)
             dense = op.dense_flops / self.rate("gemm", op.dense_flops)
-            return launch + (min(sparse, dense) if self.profile.kind == "cpu" else sparse)
+            return launch + min(sparse, dense)
         table = op_table(op)
         if op.flops:
             return launch + max(op.flops / self.rate(table, op.flops), moved / self.bandwidth)

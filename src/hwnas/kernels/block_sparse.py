@@ -10,20 +10,25 @@ layout computes the transposed tile W·xᵀ, so the tokens are the matrix unit's
 Hopper a warpgroup MMA is 64 rows by up to 256 columns: b = 64 features by 256 tokens).
 ``bsr_linear_reference`` is the dense masked matmul it must match.
 
-``BlockSparseLinear`` holds the BSR weight as buffers; on CUDA it runs the Triton kernel, on the
-CPU the implementation that ``calibrate`` measured fastest for this layer:
+``BlockSparseLinear`` holds the BSR weight as buffers and runs, per device type, the
+implementation (``IMPLS``) that ``calibrate`` measured fastest for this layer on its input:
 
-* ``dense``: ``F.linear`` with the zero-filled dense weight (the default: never slower than dense);
-* ``gather``: per block-row, gather the input columns of its kept blocks, one matmul;
-* ``torch_bsr``: PyTorch's BSR tensor times the transposed input.
+* ``triton``: ``bsr_linear`` (CUDA; the default there);
+* ``dense``: ``F.linear`` with the zero-filled dense weight (the default on the CPU);
+* ``gather`` (CPU): per block-row, gather the input columns of its kept blocks, one matmul;
+* ``torch_bsr`` (CPU): PyTorch's BSR tensor times the transposed input.
 
-Measured on 2 cores (fp32, DeiT-B shapes, 197 to 12608 tokens) no path wins everywhere: dense
-mostly wins at 50% sparsity, and which sparse path is ahead at 75-90% changes with the shape,
-the token count and the block size, hence the per-layer measurement.
+A sparse path replaces ``dense`` only when it is measurably faster, so a calibrated layer is
+never slower than the dense one. Measured on 2 cores (fp32, DeiT-B shapes, 197 to 12608 tokens)
+no CPU path wins everywhere: dense mostly wins at 50% sparsity, and which sparse path is ahead
+at 75-90% changes with the shape, the token count and the block size. On an H100 (fp16, batch
+64, ``benchmarks/results/kernels-h100.json``) the kernel ran at 0.54-0.65x of cuBLAS at 50% with
+32×32 blocks and at 1.2-2.05x at 75-90% with 64×64 blocks: there too the choice is per layer.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Callable, Mapping
@@ -41,7 +46,8 @@ try:
 except ImportError:  # triton ships for Linux x86-64 only
     triton = None
 
-CPU_IMPLS = ("dense", "gather", "torch_bsr")
+#: the implementations ``calibrate`` times, per device type; the first is what runs before calibration
+IMPLS: dict[str, tuple[str, ...]] = {"cpu": ("dense", "gather", "torch_bsr"), "cuda": ("triton", "dense")}
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -229,22 +235,26 @@ def bsr_linear(x: Tensor, weight: BsrWeight, bias: Tensor | None = None) -> Tens
 
 
 class BlockSparseLinear(nn.Module):
-    """``nn.Linear`` with a block-sparse weight: Triton on CUDA, the calibrated path on the CPU.
+    """``nn.Linear`` with a block-sparse weight, run by the implementation calibrated for the input's device.
 
-    The state dict holds ``BsrWeight.state()`` (blocks, indices, shape) and ``bias``; the CPU
-    path in use is ``cpu_impl`` (one of ``CPU_IMPLS``), set by ``calibrate``.
+    The state dict holds ``BsrWeight.state()`` (blocks, indices, shape) and ``bias``; ``impl``
+    maps each device type of ``IMPLS`` to the implementation in use there, set by ``calibrate``.
+    Devices other than those of ``IMPLS`` run ``dense``.
     """
 
-    def __init__(self, weight: BsrWeight, bias: Tensor | None = None, cpu_impl: str = "dense"):
+    def __init__(self, weight: BsrWeight, bias: Tensor | None = None, impl: Mapping[str, str] | None = None):
         super().__init__()
-        if cpu_impl not in CPU_IMPLS:
-            raise ValueError(f"cpu_impl must be one of {CPU_IMPLS}, got {cpu_impl!r}")
+        self.impl = {device: impls[0] for device, impls in IMPLS.items()}
+        for device, name in (impl or {}).items():
+            if name not in IMPLS.get(device, ()):
+                known = ", ".join(f"{d}: {'/'.join(i)}" for d, i in IMPLS.items())
+                raise ValueError(f"no implementation {name!r} on {device!r} (known: {known})")
+            self.impl[device] = name
         self.out_features, self.in_features = weight.shape
         self.block = weight.block
         for name, tensor in weight.state().items():
             self.register_buffer(name, tensor)
         self.register_buffer("bias", bias.detach().clone() if bias is not None else None)
-        self.cpu_impl = cpu_impl
         self._cache: dict[str, tuple[tuple, object]] = {}
 
     @classmethod
@@ -261,18 +271,19 @@ class BlockSparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         density = self.blocks.shape[0] / (self.out_features * self.in_features / self.block**2)
+        impl = ", ".join(f"{device}={name}" for device, name in self.impl.items())
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, block={self.block}, "
-            f"density={density:.3f}, bias={self.bias is not None}, cpu_impl={self.cpu_impl}"
+            f"density={density:.3f}, bias={self.bias is not None}, impl=({impl})"
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.is_cuda:
-            return bsr_linear(x, self.weight, self.bias)
-        return self.cpu_forward(x, self.cpu_impl)
+        return self.forward_with(x, self.impl.get(x.device.type, "dense"))
 
-    def cpu_forward(self, x: Tensor, impl: str) -> Tensor:
-        """The output of CPU implementation ``impl``."""
+    def forward_with(self, x: Tensor, impl: str) -> Tensor:
+        """The output of implementation ``impl`` (``triton`` also runs CPU tensors under ``TRITON_INTERPRET=1``)."""
+        if impl == "triton":
+            return bsr_linear(x, self.weight, self.bias)
         x2 = x.reshape(-1, self.in_features)
         if impl == "dense":
             y = F.linear(x2, self._prepared("dense"), self.bias)
@@ -282,31 +293,35 @@ class BlockSparseLinear(nn.Module):
             sparse = self._prepared("torch_bsr")
             y = (sparse @ x2.T if self.bias is None else torch.addmm(self.bias[:, None], sparse, x2.T)).T
         else:
-            raise ValueError(f"unknown CPU implementation {impl!r}")
+            raise ValueError(f"unknown implementation {impl!r}")
         return y.reshape(*x.shape[:-1], self.out_features)
 
     @torch.no_grad()
     def calibrate(
         self, x_example: Tensor, warmup: int = 2, repeats: int = 7, margin: float = 0.05
     ) -> dict[str, Timing]:
-        """Time every CPU implementation on ``x_example``; keep the fastest median as ``cpu_impl``.
+        """Time each implementation of the example's device on it; keep the fastest median in ``impl``.
+
+        On CUDA each is timed as the replay of a CUDA graph, the GPU's time.
 
         A sparse path replaces ``dense`` only when its median is lower by more than ``margin``
         (relative), so timing noise does not trade dense for an equal or slower path.
         Implementations PyTorch does not support for this dtype are left out. Returns the timings.
         """
-        if x_example.device.type != "cpu":
-            raise ValueError("calibrate measures the CPU paths: give a CPU example input")
+        device = x_example.device.type
+        if device not in IMPLS:
+            raise ValueError(f"nothing to calibrate on {device!r}: implementations are timed on {', '.join(IMPLS)}")
         timings = {}
-        for impl in CPU_IMPLS:
+        for impl in IMPLS[device]:
             try:
-                timings[impl] = measure(lambda: self.cpu_forward(x_example, impl), "cpu", warmup, repeats)
+                call = functools.partial(self.forward_with, x_example, impl)
+                timings[impl] = measure(call, device, warmup, repeats, cuda_graph=device == "cuda")
             except RuntimeError:  # e.g. torch_bsr in fp16: not implemented on the CPU
                 self._cache.pop(impl, None)
         best = min(timings, key=lambda impl: timings[impl].median_ms)
         faster = timings[best].median_ms < (1 - margin) * timings["dense"].median_ms
-        self.cpu_impl = best if faster else "dense"
-        self._cache = {k: v for k, v in self._cache.items() if k == self.cpu_impl}
+        self.impl[device] = best if faster else "dense"
+        self._cache = {k: v for k, v in self._cache.items() if k in self.impl.values()}
         return timings
 
     def _gather(self, x2: Tensor) -> Tensor:
