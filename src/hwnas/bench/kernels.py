@@ -10,10 +10,10 @@ not Python's launch overhead (which Triton's autotuned launch makes large at the
 Implementations: ``dense`` is ``F.linear`` with the dense weight; ``torch_bsr`` is PyTorch's BSR
 (``weight.to_sparse_bsr((b, b))``, ``torch.addmm(bias, W, xᵀ)``), left out with the reason in
 the hwnas row's ``metrics`` where PyTorch does not support it; ``hwnas`` is ``BlockSparseLinear``:
-the Triton kernel on CUDA (this benchmark measures the kernel, so nothing is calibrated there), on
-the CPU the path ``calibrate`` chose (``metrics.cpu_impl``). Each
-hwnas row also checks its output: ``metrics.rel_err`` is ‖y − y_ref‖ / ‖y_ref‖ against ``F.linear``
-with the masked dense weight in float32 (fp16 rounding gives about 1e-3; a wrong kernel, ~1).
+the Triton kernel on CUDA (this benchmark measures the kernel, so nothing is calibrated there),
+on the CPU the path ``calibrate`` chose (``metrics.cpu_impl``). Each hwnas row also checks its
+output: ``metrics.rel_err`` is ‖y − y_ref‖ / ‖y_ref‖ against ``F.linear`` with the masked dense
+weight in float32 (fp16 rounding gives about 1e-3; a wrong kernel, ~1).
 """
 
 from __future__ import annotations

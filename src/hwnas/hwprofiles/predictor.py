@@ -10,9 +10,10 @@ dtype. Each operator then costs the profile's launch overhead plus
 
 where a measured profile interpolates its cost tables by size and a spec profile uses peak ×
 efficiency (FLOPs) or its memory bandwidth (bytes). A block-sparse layer is one operator of its
-kept FLOPs at the profile's block-sparse efficiency, or the dense GEMM where that is faster: on the
-CPU and on CUDA the runtime picks the faster path by measurement. Energy is predicted as time × power (``idle`` + ``active`` share where
-both are known, else TDP: an upper bound). Values are always named ``*_predicted``.
+kept FLOPs at the profile's block-sparse efficiency, or the dense GEMM where that is faster: on
+the CPU and on CUDA the runtime picks the faster path by measurement. Energy is predicted as
+time × power (``idle`` + ``active`` share where both are known, else TDP: an upper bound).
+Values are always named ``*_predicted``.
 """
 
 from __future__ import annotations

@@ -94,12 +94,11 @@ def _class_attention_torch(q: Tensor, k: Tensor, scale: float, bias: Tensor | No
     batch, heads, tokens, channels = k.shape
     if batch == 1:  # one image: one matrix-vector product per head, nothing wasted
         logits = torch.bmm(q[0, :, :1], k[0].transpose(1, 2)).float().squeeze(1).mul_(scale)[None]  # [1, H, T]
-        logits = logits if bias is None else logits.add_(bias.float()[:, None])
-        return logits.softmax(dim=-1).mean(dim=1)
-    keys = k.transpose(1, 2).reshape(batch, tokens, heads * channels)  # a view when k is one of qkv's
-    eye = _scaled_identity(heads, scale, q.dtype, str(q.device))
-    queries = (eye[:, :, None] * q[:, None, :, 0]).reshape(batch, heads, heads * channels)  # head h: q₀ in slot h
-    logits = torch.bmm(queries, keys.transpose(1, 2)).float()  # [B, H, T]
+    else:
+        keys = k.transpose(1, 2).reshape(batch, tokens, heads * channels)  # a view when k is one of qkv's
+        eye = _scaled_identity(heads, scale, q.dtype, str(q.device))
+        queries = (eye[:, :, None] * q[:, None, :, 0]).reshape(batch, heads, heads * channels)  # head h: q₀ in slot h
+        logits = torch.bmm(queries, keys.transpose(1, 2)).float()  # [B, H, T]
     logits = logits if bias is None else logits.add_(bias.float()[:, None])
     return logits.softmax(dim=-1).mean(dim=1)
 
