@@ -6,11 +6,14 @@ import math
 import numpy as np
 import optuna
 import pytest
+from rich.console import Console
 from optuna.trial import TrialState
 
 from hwnas.errors import BudgetError, HwnasError
 from hwnas.evaluators.pool import Outcome
+from hwnas.search.objectives import Objective
 from hwnas.search.optimizers import PymooNSGA2
+from hwnas.search.pareto import DENSE_TRIAL, Record, pareto_front
 from hwnas.search.report import speedup
 from hwnas.search.runner import Interrupted, SearchRun
 from hwnas.search.study import RunSettings, StudyDir
@@ -91,6 +94,47 @@ def test_constraints_are_visible_to_optuna(tmp_path):
         assert violation == pytest.approx(trial.values[1] - 5.0)
         assert trial.user_attrs["feasible"] == (violation <= 0)
     assert study_dir.load().metric_names == ["accuracy", "latency_ms"]
+
+
+def test_the_dense_model_competes_on_the_front_without_being_listed():
+    objectives = [Objective("accuracy", "max"), Objective("latency_ms", "min")]
+
+    def record(trial, accuracy, latency, feasible=True):
+        return Record(trial, {"t": trial}, {"accuracy": accuracy, "latency_ms": latency}, feasible, str(trial))
+
+    faster, slower, as_accurate_slower = record(1, 0.9, 5.0), record(2, 0.95, 12.0), record(3, 1.0, 11.0)
+    dense = record(DENSE_TRIAL, 1.0, 10.0)
+    records = [faster, slower, as_accurate_slower]
+    assert pareto_front(records, objectives) == [as_accurate_slower, faster]  # best accuracy first
+    assert pareto_front(records, objectives, dense) == [faster]  # the others do no better than dense
+    tie = record(4, 1.0, 10.0)  # as good as dense, not worse: kept
+    assert pareto_front(records + [tie], objectives, dense) == [tie, faster]
+    ruled_out = record(DENSE_TRIAL, 1.0, 10.0, feasible=False)  # a budget dense misses: it does not compete
+    assert pareto_front(records, objectives, ruled_out) == [as_accurate_slower, faster]
+    unmeasured = Record(DENSE_TRIAL, {}, {"accuracy": 1.0}, True, "dense")  # no latency to compare on
+    assert pareto_front(records, objectives, unmeasured) == [as_accurate_slower, faster]
+
+
+class SlowerWhenPrunedPool(FormulaPool):
+    """Every pruned configuration is less accurate and slower than the dense model (overheads win)."""
+
+    def evaluate(self, configs):
+        for outcome in super().evaluate(configs):
+            outcome.metrics["latency_ms"] = 21.0 - outcome.metrics["latency_ms"]  # mean keep 1 → 11 ms, less → more
+            yield outcome
+
+
+def test_a_front_that_dense_dominates_is_empty_not_an_impossible_budget(tmp_path, capsys):
+    from hwnas.export.exporter import choose_trial
+
+    study_dir = make_study(tmp_path, "random", trials=6)
+    summary = SearchRun(study_dir, SlowerWhenPrunedPool(), Console(stderr=True), progress=False).run()
+    assert summary.front == [] and len(summary.records) == 6 and all(r.feasible for r in summary.records)
+    assert "no feasible candidate of 6 trials improves on the dense model" in capsys.readouterr().err
+    document = json.loads((study_dir.path / "pareto.json").read_text())
+    assert document["points"] == [] and document["trials"]["feasible"] == 6
+    with pytest.raises(HwnasError, match="no feasible candidate improves on the dense model.*--trial ID"):
+        choose_trial(study_dir, None, None)
 
 
 def test_impossible_budget_names_the_best_value(tmp_path):

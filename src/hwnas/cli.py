@@ -199,7 +199,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     console = _console(stderr=True)
     console.print(f"hypervolume {summary.hypervolume:.4f} · {len(summary.front)} Pareto point(s) · "
                   f"{study_dir.path}/pareto.json · {study_dir.path}/report.md", markup=False)
-    console.print(f"export one: search export {study_dir.path} --pick latency -o OUT", markup=False)
+    if summary.front:
+        console.print(f"export one: search export {study_dir.path} --pick latency -o OUT", markup=False)
     return 0
 
 

@@ -46,6 +46,9 @@ def choose_trial(study_dir: StudyDir, trial: int | None, pick: str | None) -> di
     document = read_pareto(study_dir.path)
     points = document["points"]
     if not points:
+        if document.get("trials", {}).get("feasible"):
+            raise HwnasError(f"{study_dir.path}: no feasible candidate improves on the dense model, so its front is "
+                             "empty; search longer, or export a trial with --trial ID")
         raise HwnasError(f"{study_dir.path} has no feasible point to export")
     pick = pick or "latency"
     if pick not in PICKS:

@@ -1,4 +1,8 @@
-"""The exact Pareto front over feasible records, and its hypervolume (pymoo's sort and indicator)."""
+"""The exact Pareto front over feasible records, and its hypervolume (pymoo's sort and indicator).
+
+The unpruned model competes on the front without being listed on it: a candidate it dominates (no
+better on any objective, worse on one) is no solution, since deploying the dense model does as well.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,10 @@ import numpy as np
 from pymoo.indicators.hv import HV
 from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
-from hwnas.search.objectives import Objective
+from hwnas.search.objectives import Budget, Objective
+from hwnas.spaces import config_hash
+
+DENSE_TRIAL = -1  # the record of the unpruned configuration, measured before any trial
 
 
 @dataclass(frozen=True)
@@ -22,8 +29,19 @@ class Record:
     config_hash: str
 
 
-def pareto_front(records: list[Record], objectives: list[Objective]) -> list[Record]:
-    """Non-dominated feasible records (one per configuration), sorted by the first objective, best first."""
+def dense_record(baseline: dict, budget: Budget) -> Record:
+    """The unpruned model's record, from a study's baseline (``{"config", "metrics"}``), feasible or not under ``budget``."""
+    metrics = baseline["metrics"]
+    return Record(DENSE_TRIAL, baseline["config"], metrics, budget.feasible(metrics, metrics),
+                  config_hash(baseline["config"]))
+
+
+def pareto_front(records: list[Record], objectives: list[Objective], dense: Record | None = None) -> list[Record]:
+    """Non-dominated feasible records (one per configuration), sorted by the first objective, best first.
+
+    ``dense`` (``dense_record``) competes without being listed, where it is feasible and measured on
+    every objective: the records it dominates are left out.
+    """
     unique: dict[str, Record] = {}
     for record in records:
         if record.feasible:
@@ -31,8 +49,10 @@ def pareto_front(records: list[Record], objectives: list[Objective]) -> list[Rec
     candidates = list(unique.values())
     if not candidates:
         return []
-    front = NonDominatedSorting().do(_minimised(candidates, objectives), only_non_dominated_front=True)
-    chosen = [candidates[i] for i in front]
+    competes = dense is not None and dense.feasible and all(o.metric in dense.metrics for o in objectives)
+    competitors = candidates + [dense] if competes else candidates
+    front = NonDominatedSorting().do(_minimised(competitors, objectives), only_non_dominated_front=True)
+    chosen = [candidates[i] for i in front if i < len(candidates)]
     return sorted(chosen, key=lambda r: objectives[0].minimised(r.metrics[objectives[0].metric]))
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.table import Table
 
 from hwnas.search.objectives import LATENCY_VS_DENSE, format_metric
-from hwnas.search.pareto import Record, hypervolume, pareto_front
+from hwnas.search.pareto import Record, dense_record, hypervolume, pareto_front
 
 TABLE_METRICS = ("accuracy", "fidelity_kl", "latency_ms", "latency_ms_vs_dense", "latency_ms_predicted", "energy_mj",
                  "energy_mj_above_idle", "energy_mj_predicted", "flops", "params")
@@ -19,7 +19,7 @@ TABLE_METRICS = ("accuracy", "fidelity_kl", "latency_ms", "latency_ms_vs_dense",
 def pareto_document(study_dir, records: list[Record], baseline: dict) -> dict:
     """The ``pareto.json`` mapping of DESIGN.md (plus the hypervolume and the trial counts)."""
     objectives = study_dir.objectives
-    front = pareto_front(records, objectives)
+    front = pareto_front(records, objectives, dense_record(baseline, study_dir.budget))
     return {
         "objectives": {o.metric: o.direction for o in objectives},
         "budget": study_dir.budget.limits,

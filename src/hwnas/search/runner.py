@@ -21,17 +21,16 @@ from hwnas.errors import BudgetError, HwnasError
 from hwnas.search.costs import study_cost_model
 from hwnas.search.objectives import LATENCY_VS_DENSE, format_metric
 from hwnas.search.optimizers import Proposal, enqueued_trial, make_optimizer
-from hwnas.search.pareto import Record, hypervolume, pareto_front
+from hwnas.search.pareto import DENSE_TRIAL, Record, dense_record, hypervolume, pareto_front
 from hwnas.search.report import write_pareto, write_report
 from hwnas.search.study import StudyDir
-from hwnas.spaces import Config, config_hash
+from hwnas.spaces import Config
 
 if TYPE_CHECKING:
     from hwnas.evaluators.pool import Outcome
 
 FAILED_VALUE = 1e18  # what pymoo sees for a candidate whose evaluation failed
 MAX_STALLED_BATCHES = 5
-BASELINE_TRIAL = -1  # the cache entry of the unpruned configuration, measured before any trial
 
 
 class Interrupted(HwnasError):
@@ -70,10 +69,8 @@ class SearchRun:
         records = self.dir.records(study)
         self.cache = {r.config_hash: r for r in records}
         # the unpruned configuration is already measured: proposing it costs nothing
-        identity_hash = config_hash(baseline["config"])
-        self.cache.setdefault(identity_hash, Record(BASELINE_TRIAL, baseline["config"], baseline["metrics"],
-                                                    self.budget.feasible(baseline["metrics"], baseline["metrics"]),
-                                                    identity_hash))
+        self.dense = dense_record(baseline, self.budget)
+        self.cache.setdefault(self.dense.config_hash, self.dense)
         n_trials_so_far = len(study.trials)
         initial = [(r.config, np.array(self._minimised_metrics(r.metrics)),
                     np.array(self.budget.constraints(r.metrics, baseline["metrics"]))) for r in records] or None
@@ -110,8 +107,11 @@ class SearchRun:
                 raise Interrupted(f"interrupted after {len(self.records)} finished trial(s); "
                                   f"continue with: search run --resume {self.dir.path}") from None
         summary = self._write_outputs()
-        if not summary.front:
+        if not any(r.feasible for r in self.records):
             raise BudgetError(self._impossible_budget_message())
+        if not summary.front:
+            self.console.print(f"[yellow]no feasible candidate of {len(self.records)} trials improves on the dense model "
+                               "in any objective: the front is empty. Search longer or widen the space")
         return summary
 
     # ---- steps --------------------------------------------------------------------------------
@@ -202,7 +202,7 @@ class SearchRun:
         if proposal.metrics is not None or cached is None or proposal.trial is None:
             return False
         self._fill_from(proposal, cached)
-        proposal.trial.set_user_attr("cached_from", "baseline" if cached.trial == BASELINE_TRIAL else cached.trial)
+        proposal.trial.set_user_attr("cached_from", "baseline" if cached.trial == DENSE_TRIAL else cached.trial)
         self._record(proposal)
         on_record()
         return True
@@ -265,7 +265,7 @@ class SearchRun:
                 self.study.tell(proposal.trial, state=TrialState.FAIL, skip_if_finished=True)
 
     def _write_outputs(self) -> RunSummary:
-        front = pareto_front(self.records, self.objectives)
+        front = pareto_front(self.records, self.objectives, self.dense)
         hv = hypervolume(front, self.objectives, self.baseline["metrics"])
         write_pareto(self.dir, self.records, self.baseline)
         write_report(self.dir, self.records, front, self.baseline, hv)
@@ -296,7 +296,7 @@ class SearchRun:
     def _fields(self) -> dict:
         records = getattr(self, "records", [])
         feasible = [r for r in records if r.feasible]
-        front = pareto_front(records, self.objectives)
+        front = pareto_front(records, self.objectives, getattr(self, "dense", None))
         first = self.objectives[0]
         best = "-"
         if feasible:
