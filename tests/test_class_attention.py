@@ -92,3 +92,29 @@ def test_tiles_too_large_for_one_program_take_the_torch_path(monkeypatch):
     got = class_attention(on(q), on(k), 0.5, use_triton=True).cpu()
     assert calls == [1]
     torch.testing.assert_close(got.double(), full_attention_row(q, k, 0.5), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_out_accumulates_the_row_past_skip(path):
+    """A cascade's running sum: the row of tokens skip.. (softmax over all T) is added to ``out`` in place."""
+    q, k = qkv_views(2, 17, 3, 8)
+    bias = torch.rand(2, 17).log()
+    device = DEVICE if path == "triton" else "cpu"
+    prior = torch.rand(2, 16)
+    out = prior.clone().to(device)
+    got = class_attention(q.to(device), k.to(device), 8**-0.5, bias.to(device), path == "triton", skip=1, out=out)
+    assert got is out
+    expected = prior.double() + full_attention_row(q, k, 8**-0.5, bias)[:, 1:]
+    torch.testing.assert_close(got.cpu().double(), expected, rtol=1e-5, atol=1e-6)
+    fresh = class_attention(q.to(device), k.to(device), 8**-0.5, bias.to(device), path == "triton", skip=1)
+    torch.testing.assert_close(fresh.cpu().double(), full_attention_row(q, k, 8**-0.5, bias)[:, 1:], rtol=1e-5, atol=1e-6)
+
+
+def test_rejects_a_bad_skip_or_out():
+    q, k = qkv_views(2, 9, 2, 4)
+    with pytest.raises(ValueError, match="skip must be"):
+        class_attention(q, k, 0.5, skip=9)
+    with pytest.raises(ValueError, match="out must be fp32"):
+        class_attention(q, k, 0.5, skip=1, out=torch.zeros(2, 9))
+    with pytest.raises(ValueError, match="out must be fp32"):
+        class_attention(q, k, 0.5, out=torch.zeros(2, 9, dtype=torch.float64))

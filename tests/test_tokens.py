@@ -157,7 +157,9 @@ def test_ucc_scores_accumulate_over_blocks():
     keys = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.2], [1.0, 0.1]]])  # tokens 2 and 3 resemble token 0
     state = _state(torch.randn(1, 4, 2), keys=keys)
     for attention in [[0.45, 0.35, 0.15, 0.05]] * 4 + [[0.0, 0.0, 0.1, 0.9]]:  # the last block alone would keep 3, 2
-        state = method.observe(state, torch.tensor([attention]), keys)
+        running = method.running_attention(state)  # as a block does: its row is added to the running sum
+        row = torch.tensor([attention])
+        state = method.observe(state, row if running is None else running.add_(row), keys)
     out = method.reduce(state, keep=2)
     # tokens 0 and 1 stay and 2, 3 join 0 (had 2 and 3 stayed, 0 would have joined 3 and 1 joined 2: sizes [2, 2])
     assert torch.allclose(out.size[0], torch.tensor([3.0, 1.0]))
@@ -273,3 +275,28 @@ def test_bad_schedules(vit, keep, message):
 def test_rejects_non_vit():
     with pytest.raises(HwnasError, match="needs a timm VisionTransformer"):
         apply_token_keep(torch.nn.Linear(2, 2), {1: 0.5})
+
+
+def test_ucc_cascade_on_the_kernels_matches_torch(vit):
+    """The whole cascade — class-attention rows summed in place by the kernel, merges — gives the torch path's logits."""
+    from hwnas.kernels.block_sparse import triton_available
+
+    if not triton_available(torch.device("cuda" if torch.cuda.is_available() else "cpu")):
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(3, 3, 64, 64, device=device)
+    schedule = {2: 0.5, 4: 0.5, 6: 0.5}
+    models = [apply_token_keep(copy.deepcopy(vit), schedule, UccMethod(use_triton=t)).to(device) for t in (True, False)]
+    with torch.inference_mode():
+        kernels, reference = (model(x) for model in models)
+    torch.testing.assert_close(kernels, reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_spectral_energy_in_half_precision_on_cuda():
+    """On CUDA the residual is taken in the tokens' fp16; the fp32 energy stays close to the fp32 one."""
+    patches = torch.randn(4, 196, 384)
+    expected = spectral_energy(patches, (14, 14))
+    got = spectral_energy(patches.cuda().half(), (14, 14))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.cpu(), expected, rtol=2e-2, atol=1e-2)

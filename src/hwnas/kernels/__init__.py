@@ -2,6 +2,7 @@
 
 from hwnas.kernels.block_sparse import BlockSparseLinear, BsrWeight, bsr_linear, bsr_linear_reference
 from hwnas.kernels.class_attention import class_attention
+from hwnas.kernels.descending_order import descending_order
 from hwnas.kernels.gather_scatter import gather_rows, scatter_add_rows_, scatter_rows_
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
     "bsr_linear",
     "bsr_linear_reference",
     "class_attention",
+    "descending_order",
     "gather_rows",
     "scatter_add_rows_",
     "scatter_rows_",

@@ -3,11 +3,15 @@
 Fused attention (``F.scaled_dot_product_attention``) never forms the attention matrix, so the
 class token's row is computed again from the block's queries and keys: per head
 ``softmax_t(scale · q₀·k_t + bias_t)``, then the mean over the heads, ``[B, T]`` in fp32.
+A cascade that sums the row over blocks passes its running sum as ``out``: the row is added to
+it in place, with no launch of its own.
 
 * On CUDA, one Triton program per image and head reads that head's keys ``[T, D]`` once, in
-  place from the qkv projection, and keeps the logits and softmax in registers; the mean over
-  heads is one more launch, where the torch path takes five or six. Beyond ``MAX_TRITON_TILE``
-  (1024 tokens of 64 channels), the torch path.
+  place from the qkv projection, keeps the logits and softmax in registers, and adds its share
+  of the head mean atomically to the output: one launch per block, where the torch path takes
+  five or six (plus a zero-fill when there is no running sum yet). The atomic adds make the last
+  bit of the sum depend on the order the heads finish in. Beyond ``MAX_TRITON_TILE`` (1024
+  tokens of 64 channels), the torch path.
 * The torch path (CPU, autograd, long sequences): the class queries laid out block-diagonally
   ``[B, H, H·D]`` times the keys ``[B, H·D, T]`` (a view of the qkv projection): one batched
   matmul gives every head's logits, with no ``[B, H, T, D]`` temporary. For one image, one
@@ -42,8 +46,8 @@ if triton is not None:
 
     @triton.jit
     def _class_attention_kernel(
-        q_ptr, k_ptr, bias_ptr, out_ptr, H, T, D, scale,
-        stride_qb, stride_qh, stride_kb, stride_kh, stride_kt,
+        q_ptr, k_ptr, bias_ptr, out_ptr, H, T, D, scale, skip,
+        stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_ob,
         HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         b, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
@@ -57,37 +61,49 @@ if triton is not None:
             logits += tl.load(bias_ptr + b * T + offs_t, mask=in_t, other=0.0).to(tl.float32)
         logits = tl.where(in_t, logits, float("-inf"))
         p = tl.exp(logits - tl.max(logits, axis=0))
-        tl.store(out_ptr + (b * H + h) * T + offs_t, p / tl.sum(p, axis=0), mask=in_t)
+        share = p / (tl.sum(p, axis=0) * H)  # this head's part of the mean over heads
+        tl.atomic_add(out_ptr + b * stride_ob + offs_t - skip, share, mask=in_t & (offs_t >= skip))
 
 
 def class_attention(
-    q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None, use_triton: bool | None = None
+    q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None, use_triton: bool | None = None,
+    *, skip: int = 0, out: Tensor | None = None,
 ) -> Tensor:
-    """The class token's (token 0's) attention to each of the T tokens, mean over heads: ``[B, T]`` fp32.
+    """The class token's (token 0's) attention to tokens ``skip..T-1``, mean over heads: ``[B, T - skip]`` fp32.
 
     ``q``, ``k``: ``[B, H, T, D]`` (strided views of a qkv projection are read in place);
     ``bias [B, T]`` is added to every head's logits (e.g. ``log size`` for proportional attention).
+    The softmax runs over all T tokens; ``skip`` only leaves the first ones (e.g. prefix tokens)
+    out of the result. With ``out [B, T - skip]`` (fp32) the row is added to it in place and
+    ``out`` is returned.
     """
     if q.dim() != 4 or k.shape != q.shape:
         raise ValueError(f"expected q and k of one shape [B, H, T, D], got {tuple(q.shape)} and {tuple(k.shape)}")
     batch, heads, tokens, channels = k.shape
     if bias is not None and tuple(bias.shape) != (batch, tokens):
         raise ValueError(f"bias must be [B, T] = {(batch, tokens)}, got {tuple(bias.shape)}")
-    if not should_use_triton(use_triton, k, q, bias):
-        return _class_attention_torch(q, k, scale, bias)
-    block_t, block_d = triton.next_power_of_2(tokens), triton.next_power_of_2(channels)
-    if block_t * block_d > MAX_TRITON_TILE:
-        return _class_attention_torch(q, k, scale, bias)
+    if not 0 <= skip < tokens:
+        raise ValueError(f"skip must be in [0, T) = [0, {tokens}), got {skip}")
+    if out is not None and (tuple(out.shape) != (batch, tokens - skip) or out.dtype != torch.float32):
+        raise ValueError(f"out must be fp32 [B, T - skip] = {(batch, tokens - skip)}, "
+                         f"got {out.dtype} {tuple(out.shape)}")
+    block_t, block_d = (triton.next_power_of_2(tokens), triton.next_power_of_2(channels)) if triton else (0, 0)
+    if not should_use_triton(use_triton, k, q, bias) or block_t * block_d > MAX_TRITON_TILE:
+        row = _class_attention_torch(q, k, scale, bias)[:, skip:]
+        return row if out is None else out.add_(row)
     q0 = q[:, :, 0]
     if q0.stride(-1) != 1 or k.stride(-1) != 1:  # the kernel reads channels contiguously
         q0, k = q0.contiguous(), k.contiguous()
-    probs = torch.empty(batch, heads, tokens, device=k.device, dtype=torch.float32)
+    if out is None:
+        out = torch.zeros(batch, tokens - skip, device=k.device, dtype=torch.float32)
+    elif out.stride(-1) != 1:
+        raise ValueError("out must have unit stride along the tokens")
     _class_attention_kernel[(batch, heads)](
-        q0, k, probs if bias is None else bias.contiguous(), probs, heads, tokens, channels, float(scale),
-        q0.stride(0), q0.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        q0, k, out if bias is None else bias.contiguous(), out, heads, tokens, channels, float(scale), skip,
+        q0.stride(0), q0.stride(1), k.stride(0), k.stride(1), k.stride(2), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4 if block_t * block_d <= 16384 else 8,
     )  # fmt: skip
-    return probs.mean(dim=1)
+    return out
 
 
 def _class_attention_torch(q: Tensor, k: Tensor, scale: float, bias: Tensor | None) -> Tensor:

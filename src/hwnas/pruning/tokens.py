@@ -60,10 +60,11 @@ class TokenKeepBlocks(nn.Sequential):
                 state = self.method.reduce(state, keep)
             if observes or size_bias:
                 size = state.size if size_bias else None
+                want_attention = observes and self.method.needs_attention
+                running = self.method.running_attention(state) if want_attention else None
                 out, attention, keys = observed_block(
-                    block, state.x, self.num_prefix_tokens, size,
-                    want_attention=observes and self.method.needs_attention,
-                    want_keys=returns_keys)
+                    block, state.x, self.num_prefix_tokens, size, want_attention=want_attention,
+                    want_keys=returns_keys, attention_into=running, use_triton=self.method.use_triton)
                 state = self.method.observe(state, attention, keys) if observes else state
                 state = replace(state, x=out)
             else:
@@ -72,14 +73,16 @@ class TokenKeepBlocks(nn.Sequential):
 
 
 def observed_block(block: nn.Module, x: torch.Tensor, num_prefix_tokens: int, size: torch.Tensor | None = None,
-                   want_attention: bool = False, want_keys: bool = False
-                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                   want_attention: bool = False, want_keys: bool = False, attention_into: torch.Tensor | None = None,
+                   use_triton: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Run a timm ``Block``, optionally with proportional attention, and return what it saw.
 
     ``size [B, N]`` (patch tokens; prefix tokens count 1) adds ``log size`` to the attention
     logits of every key. Returns the block output, the class token's attention to each patch
     token averaged over heads ``[B, N]`` (or None) and the patch tokens' keys averaged over heads
-    ``[B, N, head_dim]`` (or None).
+    ``[B, N, head_dim]`` (or None). With ``attention_into [B, N]`` (a running sum) the attention
+    is added to it in place, and it is what is returned. ``use_triton`` is the class-attention
+    kernel's switch (``hwnas.kernels.class_attention``).
     """
     attn = block.attn
     h = block.norm1(x)
@@ -90,7 +93,8 @@ def observed_block(block: nn.Module, x: torch.Tensor, num_prefix_tokens: int, si
     q, k = attn.q_norm(q), attn.k_norm(k)
     log_size = None if size is None else torch.cat([size.new_ones(batch, num_prefix_tokens), size], dim=1).log()
     bias = None if log_size is None else log_size.to(q.dtype)[:, None, None, :]
-    attention = class_attention(q, k, attn.scale, log_size)[:, num_prefix_tokens:] if want_attention else None
+    attention = (class_attention(q, k, attn.scale, log_size, use_triton, skip=num_prefix_tokens, out=attention_into)
+                 if want_attention else None)
     keys = k.mean(dim=1)[:, num_prefix_tokens:] if want_keys else None
     dropout = attn.attn_drop.p if attn.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
