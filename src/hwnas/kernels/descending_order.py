@@ -5,9 +5,10 @@ counted as -inf: ties keep their index order.
 
 * On CUDA, one Triton program per row counts, for every token, the tokens that rank above it
   (a higher score, or an equal one at a lower index) — its position — and writes its index there.
-  For a few hundred tokens that is one launch of a few microseconds, where PyTorch's sort of more
-  than 128 values per row takes a radix sort of ~20 µs (H100, deit_small's 196 patches); token
-  pruning sorts once per cut, and at batch 1 on a GPU those microseconds are a share of the model.
+  For a few hundred tokens that is one short launch: on an H100, 5.9 µs on average over
+  deit_small's three cuts at batch 1, where PyTorch's sort took 31 µs, 21 of them a radix sort of
+  the first cut's 196 scores (torch sorts more than 128 values per row that way). Token pruning
+  sorts once per cut, and at batch 1 on a GPU those microseconds are a share of the model.
   Beyond ``MAX_TRITON_TOKENS`` per row, torch.
 * Elsewhere (CPU, autograd, long rows): ``torch.argsort``.
 
