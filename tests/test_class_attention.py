@@ -106,8 +106,8 @@ def test_out_accumulates_the_row_past_skip(path):
     assert got is out
     expected = prior.double() + full_attention_row(q, k, 8**-0.5, bias)[:, 1:]
     torch.testing.assert_close(got.cpu().double(), expected, rtol=1e-5, atol=1e-6)
-    fresh = class_attention(q.to(device), k.to(device), 8**-0.5, bias.to(device), path == "triton", skip=1)
-    torch.testing.assert_close(fresh.cpu().double(), full_attention_row(q, k, 8**-0.5, bias)[:, 1:], rtol=1e-5, atol=1e-6)
+    fresh = class_attention(q.to(device), k.to(device), 8**-0.5, bias.to(device), path == "triton", skip=1).cpu()
+    torch.testing.assert_close(fresh.double(), full_attention_row(q, k, 8**-0.5, bias)[:, 1:], rtol=1e-5, atol=1e-6)
 
 
 def test_rejects_a_bad_skip_or_out():
@@ -118,3 +118,5 @@ def test_rejects_a_bad_skip_or_out():
         class_attention(q, k, 0.5, skip=1, out=torch.zeros(2, 9))
     with pytest.raises(ValueError, match="out must be fp32"):
         class_attention(q, k, 0.5, out=torch.zeros(2, 9, dtype=torch.float64))
+    with pytest.raises(ValueError, match="unit stride"):
+        class_attention(q, k, 0.5, skip=1, out=torch.zeros(2, 16)[:, ::2])

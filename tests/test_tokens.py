@@ -278,7 +278,7 @@ def test_rejects_non_vit():
 
 
 def test_ucc_cascade_on_the_kernels_matches_torch(vit):
-    """The whole cascade — class-attention rows summed in place by the kernel, merges — gives the torch path's logits."""
+    """The whole cascade on the kernels (class-attention rows summed in place, ranking, merges) gives torch's logits."""
     from hwnas.kernels.block_sparse import triton_available
 
     if not triton_available(torch.device("cuda" if torch.cuda.is_available() else "cpu")):

@@ -84,20 +84,29 @@ def class_attention(
         raise ValueError(f"bias must be [B, T] = {(batch, tokens)}, got {tuple(bias.shape)}")
     if not 0 <= skip < tokens:
         raise ValueError(f"skip must be in [0, T) = [0, {tokens}), got {skip}")
-    if out is not None and (tuple(out.shape) != (batch, tokens - skip) or out.dtype != torch.float32):
-        raise ValueError(f"out must be fp32 [B, T - skip] = {(batch, tokens - skip)}, "
-                         f"got {out.dtype} {tuple(out.shape)}")
-    block_t, block_d = (triton.next_power_of_2(tokens), triton.next_power_of_2(channels)) if triton else (0, 0)
-    if not should_use_triton(use_triton, k, q, bias) or block_t * block_d > MAX_TRITON_TILE:
-        row = _class_attention_torch(q, k, scale, bias)[:, skip:]
-        return row if out is None else out.add_(row)
+    if out is not None and (tuple(out.shape) != (batch, tokens - skip) or out.dtype != torch.float32
+                            or out.stride(-1) != 1):
+        raise ValueError(f"out must be fp32 [B, T - skip] = {(batch, tokens - skip)} with unit stride along the "
+                         f"tokens, got {out.dtype} {tuple(out.shape)} of strides {out.stride()}")
+    if should_use_triton(use_triton, k, q, bias) and _fits_one_program(tokens, channels):
+        return _class_attention_triton(q, k, scale, bias, skip, out)
+    row = _class_attention_torch(q, k, scale, bias)[:, skip:]
+    return row if out is None else out.add_(row)
+
+
+def _fits_one_program(tokens: int, channels: int) -> bool:
+    return triton.next_power_of_2(tokens) * triton.next_power_of_2(channels) <= MAX_TRITON_TILE
+
+
+def _class_attention_triton(q: Tensor, k: Tensor, scale: float, bias: Tensor | None, skip: int,
+                            out: Tensor | None) -> Tensor:
+    batch, heads, tokens, channels = k.shape
     q0 = q[:, :, 0]
     if q0.stride(-1) != 1 or k.stride(-1) != 1:  # the kernel reads channels contiguously
         q0, k = q0.contiguous(), k.contiguous()
     if out is None:
         out = torch.zeros(batch, tokens - skip, device=k.device, dtype=torch.float32)
-    elif out.stride(-1) != 1:
-        raise ValueError("out must have unit stride along the tokens")
+    block_t, block_d = triton.next_power_of_2(tokens), triton.next_power_of_2(channels)
     _class_attention_kernel[(batch, heads)](
         q0, k, out if bias is None else bias.contiguous(), out, heads, tokens, channels, float(scale), skip,
         q0.stride(0), q0.stride(1), k.stride(0), k.stride(1), k.stride(2), out.stride(0),
