@@ -45,8 +45,9 @@ def test_blocks_process_the_scheduled_token_counts(vit, method):
 def test_what_each_method_observes(vit):
     schedule = {2: 0.5, 5: 0.25}
     blocks = {m: apply_token_keep(copy.deepcopy(vit), schedule, m).blocks for m in TOKEN_METHODS}
-    assert blocks["ucc"].observes[:6] == [True] * 5 + [False]          # accumulates from block 0 to the last cut
-    assert blocks["tome"].observes[:6] == [False, True, False, False, True, False]  # the block before each cut
+    assert blocks["ucc"].observes[:6] == [False, True, False, False, True, False]  # the block before each cut
+    assert blocks["tome"].observes[:6] == [False, True, False, False, True, False]
+    assert blocks["ucc-blocks"].observes[:6] == [True] * 5 + [False]  # from block 0 to the last cut
     assert blocks["random"].observes[:6] == [False] * 6
     assert blocks["ucc"].size_bias[:6] == [False, False, True, True, True, True]  # proportional after the first cut
     assert not any(blocks["evit"].size_bias)
@@ -164,6 +165,48 @@ def test_ucc_scores_accumulate_over_blocks():
     # tokens 0 and 1 stay and 2, 3 join 0 (had 2 and 3 stayed, 0 would have joined 3 and 1 joined 2: sizes [2, 2])
     assert torch.allclose(out.size[0], torch.tensor([3.0, 1.0]))
     assert torch.allclose(out.attention_sum[0], torch.tensor([1.8 + 0.7 + 1.1, 1.4]))
+
+
+@pytest.mark.parametrize("history", ["cuts", "blocks", "last"])
+def test_each_cut_ranks_by_its_history_of_class_attention(vit, history, monkeypatch):
+    """In the model: what a cut ranks by is the class-attention rows of the blocks its history names,
+    recomputed here from each block's input: the block before this cut (``last``), plus the sum the
+    tokens inherited from the previous cut (``cuts``), or every block since the previous cut (``blocks``)."""
+    schedule = {2: 0.5, 5: 0.25}
+    model = apply_token_keep(copy.deepcopy(vit), schedule, UccMethod(history=history, use_triton=False))
+    inputs, cuts = {}, []
+    for index, block in enumerate(model.blocks):
+        block.norm1.register_forward_pre_hook(lambda m, args, index=index: inputs.setdefault(index, args[0]))
+    reduce = UccMethod.reduce
+
+    def spy(method, state, keep):
+        out = reduce(method, state, keep)  # later blocks add to out's running sum in place: keep copies
+        ranked_by = state.attention_sum if method.cumulative else state.attention
+        cuts.append((ranked_by.clone(), None if out.attention_sum is None else out.attention_sum.clone(), out.size))
+        return out
+
+    monkeypatch.setattr(UccMethod, "reduce", spy)
+    with torch.inference_mode():
+        model(torch.randn(2, 3, 64, 64))
+        inherited, size = cuts[0][1], cuts[0][2]
+
+        def row(index, size=None):
+            return observed_block(model.blocks[index], inputs[index], 1, size, want_attention=True)[1]
+
+        if history == "last":
+            expected = [row(1), row(4, size)]
+        elif history == "cuts":
+            expected = [row(1), inherited + row(4, size)]
+        else:
+            expected = [row(0) + row(1), inherited + row(2, size) + row(3, size) + row(4, size)]
+    assert len(cuts) == 2
+    for (ranked_by, _, _), want in zip(cuts, expected):
+        torch.testing.assert_close(ranked_by, want)
+
+
+def test_ucc_history_must_be_known():
+    with pytest.raises(HwnasError, match="unknown UCC history 'all' \\(known: cuts, blocks, last\\)"):
+        UccMethod(history="all")
 
 
 def test_spectral_energy_is_high_on_edges_and_zero_on_flat_regions():

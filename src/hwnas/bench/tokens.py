@@ -9,18 +9,19 @@ token counts alone; the scoring and merging ops add < 1 %).
   ``CUT_SETS``, the same keep ratio ρ at each cut) whose reduction is within ±0.02 of the target,
   run with each method (``hwnas`` = UCC, ``tome``, ``evit``, ``random``) and with the UCC
   ablations (``hwnas-spatial``: β = 0, attention only; ``hwnas-spectral``: β = 1;
-  ``hwnas-last``: the last block's attention instead of the accumulated one). The summary gives
+  ``hwnas-every-block``: the attention of every block before the last cut accumulated, not only
+  of the blocks before the cuts; ``hwnas-last``: the block before the cut's alone). The summary gives
   each method its best schedule of the family (a method is judged by the best it can do at that
   cost); the JSON holds every schedule.
 * **Latency** (``deit_small_patch16_224``, ``deit_base_patch16_224``, random weights, fp32 at
   batch 1 and 8, and on CUDA also fp16 at batch 64; on CUDA each model is captured in a CUDA
-  graph and its replay timed): dense, ``hwnas`` and ``tome`` with cuts at
+  graph and its replay timed): dense, ``hwnas``, ``hwnas-every-block`` and ``tome`` with cuts at
   blocks 3, 6, 9 and ρ bisected to −50 % FLOPs, side by side: interleaved rounds, one call of
   each per round in shuffled order (``ROUNDS`` per batch size: batch 1 calls are short and their
   spread wide, so they get more).
   Speed-ups are paired: per round, the ratio of the two calls' times (so the machine's drift
   cancels), reported as the median and quartiles over the rounds — ``speedup_vs_dense`` for
-  both methods, and ``speedup_vs_tome`` for ``hwnas`` (above 1: UCC is faster than ToMe).
+  every method, and ``speedup_vs_tome`` for the two UCC rows (above 1: UCC is faster than ToMe).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from hwnas.bench.record import result_row
 from hwnas.evaluators.metrics import accuracy, count_flops, fidelity_kl, predict_logits
 from hwnas.hwprofiles.latency import Ratio, cuda_graph_replay, measure_side_by_side, paired_ratio
 from hwnas.models.digits import create_digits_model, load_digits_splits
-from hwnas.pruning.token_methods import TokenMethod, UccMethod, token_method
+from hwnas.pruning.token_methods import TokenMethod, TomeMethod, UccEveryBlockMethod, UccMethod, token_method
 from hwnas.pruning.tokens import apply_token_keep
 
 DIGITS_MODEL = "digits-deit"
@@ -54,7 +55,9 @@ TIMING_POINTS = {"cpu": ((1, torch.float32), (8, torch.float32)),
 ROUNDS = {1: 60, 8: 25, 64: 25}
 METHODS = {"hwnas": "ucc", "tome": "tome", "evit": "evit", "random": "random"}
 ABLATIONS = {"hwnas-spatial": dict(spectral_weight=0.0), "hwnas-spectral": dict(spectral_weight=1.0),
-             "hwnas-last": dict(cumulative=False)}
+             "hwnas-every-block": dict(history="blocks"), "hwnas-last": dict(history="last")}
+#: what the latency cases time beside dense: UCC, its every-block history (what that history costs) and ToMe
+TIMED = {"hwnas": UccMethod, "hwnas-every-block": UccEveryBlockMethod, "tome": TomeMethod}
 
 
 def schedule(depth: int, cuts, keep: float) -> dict[int, float]:
@@ -126,7 +129,7 @@ def latency_rows(device: str = "cpu", quick: bool = False) -> list[dict]:
         dense = timm.create_model(name, pretrained=False).eval()
         keep, reduction = schedule_for_flops(dense, TIMING_CUTS, 0.5, (3, 224, 224))
         variants = {"dense": dense}
-        variants.update({impl: apply_token_keep(copy.deepcopy(dense), keep, METHODS[impl]) for impl in ("hwnas", "tome")})
+        variants.update({impl: apply_token_keep(copy.deepcopy(dense), keep, method()) for impl, method in TIMED.items()})
         for batch, dtype in TIMING_POINTS[device.type]:
             models = {impl: copy.deepcopy(model).to(device, dtype) for impl, model in variants.items()}
             x = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
@@ -144,8 +147,8 @@ def latency_rows(device: str = "cpu", quick: bool = False) -> list[dict]:
 
 
 def speedups(samples: dict[str, tuple[float, ...]], impl: str) -> dict[str, dict[str, float]]:
-    """``impl``'s paired speed-ups over dense (and, for ``hwnas``, over ToMe) from side-by-side samples."""
-    baselines = ("dense", "tome") if impl == "hwnas" else ("dense",)
+    """``impl``'s paired speed-ups over dense (and, for UCC's, over ToMe) from side-by-side samples."""
+    baselines = ("dense", "tome") if impl.startswith("hwnas") else ("dense",)
     return {f"speedup_vs_{baseline}": vars(paired_ratio(samples[baseline], samples[impl]))
             for baseline in baselines if impl != baseline}
 

@@ -10,6 +10,7 @@ transforms, puts block-sparse kernel layers where the export has them and loads 
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -24,11 +25,15 @@ from hwnas.kernels.block_sparse import BlockSparseLinear, BsrWeight
 from hwnas.models.registry import build_arch
 from hwnas.pruning.apply import apply_config, apply_structure
 from hwnas.pruning.block_layers import calibrate_block_sparse
+from hwnas.pruning.token_methods import DEFAULT_TOKEN_METHOD
 from hwnas.search.objectives import LATENCY_VS_DENSE
 from hwnas.search.study import StudyDir, read_pareto
 from hwnas.spaces import space_from_dict
 
 FORMAT = "hwnas-export/1"
+#: per hwnas version, the token methods its exports name that now have another name: until 0.1.0, ``ucc`` ranked
+#: by every block's class attention, what ``ucc-blocks`` does now
+RENAMED_TOKEN_METHODS = {"0.1.0": {"ucc": "ucc-blocks"}}
 PICKS = {"latency": "latency_ms", "accuracy": "accuracy", "energy": "energy_mj", "fidelity": "fidelity_kl"}
 
 
@@ -118,8 +123,9 @@ def load(path: str | Path) -> nn.Module:
     weights = Path(path) / "model.safetensors"
     if not weights.is_file():
         raise HwnasError(f"{path} is damaged: model.safetensors is missing")
-    space = space_from_dict(manifest["space"], origin=str(Path(path) / "hwnas.json"))
-    model = apply_structure(build_arch(manifest["model"]), space, manifest["config"])
+    space_source, config = _in_current_names(manifest)
+    space = space_from_dict(space_source, origin=str(Path(path) / "hwnas.json"))
+    model = apply_structure(build_arch(manifest["model"]), space, config)
     try:
         state = safetensors.torch.load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error types for truncated/garbled files
@@ -132,6 +138,26 @@ def load(path: str | Path) -> nn.Module:
         raise HwnasError(f"{weights} does not match the model described by hwnas.json: "
                          f"{str(exc).splitlines()[0]}") from None
     return model.eval()
+
+
+def _in_current_names(manifest: dict) -> tuple[dict, dict]:
+    """The export's space and configuration, with each token method named as this hwnas names what ran."""
+    space, config = copy.deepcopy(manifest["space"]), dict(manifest["config"])
+    renamed = RENAMED_TOKEN_METHODS.get(manifest.get("hwnas_version"), {})
+    dimensions = space.get("dimensions") if isinstance(space, dict) else None
+    if not renamed or not isinstance(dimensions, list) or not any(
+            isinstance(d, dict) and d.get("transform") == "token_keep" for d in dimensions):
+        return space, config
+    methods = [d for d in dimensions if isinstance(d, dict) and d.get("transform") == "token_method"]
+    if not methods:  # the export ran the default method: name it
+        methods = [{"name": "token_method", "transform": "token_method", "values": [DEFAULT_TOKEN_METHOD]}]
+        dimensions.append(methods[0])
+        config["token_method"] = DEFAULT_TOKEN_METHOD
+    for dimension in methods:
+        dimension["values"] = [renamed.get(v, v) for v in dimension.get("values", [])]
+        if dimension.get("name") in config:
+            config[dimension["name"]] = renamed.get(config[dimension["name"]], config[dimension["name"]])
+    return space, config
 
 
 def _block_sparse_layer(state: dict[str, Tensor], name: str, impl: dict[str, str] | str, weights: Path

@@ -4,32 +4,43 @@ Every method sees a ``TokenState`` (the tokens, what earlier blocks observed abo
 returns a state with ``keep`` patch tokens; prefix tokens (class, registers) always pass.
 
 * ``ucc`` (hwnas's method, after UCC): each token's score is ``(1 - β)·spatial + β·spectral``.
-  *Spatial* is the class token's attention to it, averaged over heads and accumulated over every
-  block it has lived through (a running mean from block 0: one block's idiosyncrasy does not
-  decide its fate). *Spectral* is its high-frequency energy, measured once, at the first cut,
-  while the tokens are still the patches of the grid: a 2-D FFT filter over the grid (applied as a
+  *Spatial* is the class token's attention to it, averaged over heads and accumulated down the
+  cascade (``history``): each cut adds the attention of the block before it to the sum a token
+  carries from the earlier cuts (a fused token inherits what it absorbed), so from the second cut
+  on a token's fate rests on its history, not on one block. ``history="blocks"`` (the method
+  ``ucc-blocks``) adds every block from the first instead, a running mean from block 0. On the
+  digits DeiT it scores no better (7581 correct over the 720 held-out images × 11 schedules of
+  ``bench tokens``, against 7589 for the cuts; 2831 each on the calibration split) and it is
+  slower: it reads the class-attention row in every block before the last cut, where ``cuts`` reads
+  it in the blocks ToMe reads its keys in (deit_small at −50 % FLOPs, cuts at blocks 3, 6, 9, on a
+  2-core Xeon, paired against ToMe in ``tokens-cpu-xeon-2threads.json``: ``blocks`` 0.96x / 0.97x
+  at batch 1 / 8, ``cuts`` 0.98x / 0.99x). ``history="last"``, the block before the cut alone, is
+  an ablation. *Spectral* is its high-frequency energy, measured once, at the first cut, while the
+  tokens are still the patches of the grid: a 2-D FFT filter over the grid (applied as a
   projection, ``low_pass_basis``) removes the frequencies of radius ≤ ``LOW_PASS_RADIUS``
   cycles/patch, and a token's energy is that of its residual — tokens on edges and strokes score
   high, flat background low. Both parts are normalised to sum to one per image; β =
   ``SPECTRAL_WEIGHT`` = 0.3 is the best of 0, 0.1, 0.2, 0.3 and 0.5 on the digits DeiT's
   calibration split (270 images, 11 schedules of −35 %/−50 % FLOPs: 2876 correct against 2857 for
   attention alone, on the weights trained on an AMD EPYC; on those trained on an Intel Xeon, with
-  the energy measured once, 0, 0.1, 0.2, 0.3 and 0.5 all score 2830–2840). The best ``keep``
-  tokens are kept and every pruned token is fused into its most similar kept token (cosine of
-  attention keys): a size-weighted mean, and the kept token inherits the pruned one's accumulated
-  attention and spectral energy, so the cascade remembers what a fused token absorbed. Later
-  blocks use proportional attention (``+ log size`` on the keys), so a fused token counts for what
-  it holds. Variants measured worse or no better on the same split: weighing a pruned token by its
-  score relative to the weakest kept one (2868), a softmax over similarities instead of the most
-  similar token (≤ 2870), the spectral energy of the attention keys (mean over heads, 6–12x
-  cheaper than the features) at β = 0.1, 0.2, 0.3, 0.5 (≤ 2862), or of the features through a
-  fixed random projection to 32 or 64 channels (2869–2876). Measuring the spectral energy again at
-  every cut, with each fused token painted back onto the patches it covers, scored 2823 against
-  2831 for measuring it once (on the weights trained on an Intel Xeon; 7582 against 7581 on all
-  720 held-out images) and took 0.85–1.0 ms more per later cut on deit_small at batch 8.
+  the energy measured once, 0, 0.1, 0.2, 0.3 and 0.5 all score 2830–2840 with either history). The
+  best ``keep`` tokens are kept and every pruned token is fused into its most similar kept token
+  (cosine of attention keys): a size-weighted mean, and the kept token inherits the pruned one's
+  accumulated attention and spectral energy, so the cascade remembers what a fused token absorbed.
+  Later blocks use proportional attention (``+ log size`` on the keys), so a fused token counts for
+  what it holds. Variants measured worse or no better on the same split: weighing a pruned token by
+  its score relative to the weakest kept one (2868), a softmax over similarities instead of the
+  most similar token (≤ 2870), the spectral energy of the attention keys (mean over heads, 6–12x
+  cheaper than the features) at β = 0.1, 0.2, 0.3, 0.5 (≤ 2862), or of the features through a fixed
+  random projection to 32 or 64 channels (2869–2876). Measuring the spectral energy again at every
+  cut, with each fused token painted back onto the patches it covers, scored 2823 against 2831 for
+  measuring it once (on the weights trained on an Intel Xeon, with every block's attention; 7582
+  against 7581 on all 720 held-out images) and took 0.85–1.0 ms more per later cut on deit_small at
+  batch 8.
 * ``tome``: ToMe's bipartite soft matching (training-free): alternate tokens form two sets, each
   token of A its most similar of B, the most similar pairs are merged (size-weighted mean),
-  repeated until ``keep`` remain; proportional attention.
+  repeated until ``keep`` remain (the keys are merged too when another round follows);
+  proportional attention.
 * ``evit``: EViT: keep the ``keep - 1`` tokens the class token attends to most (previous block)
   and fuse the rest into one token, weighted by that attention. No size bias (as in EViT).
 * ``random``: keep ``keep`` tokens drawn at random (a fixed seed per forward, so reproducible).
@@ -57,6 +68,10 @@ from hwnas.kernels.gather_scatter import gather_rows, scatter_add_rows_
 SPECTRAL_WEIGHT = 0.3
 #: frequencies (cycles per patch) at or below this radius are "low" and removed by the high-pass
 LOW_PASS_RADIUS = 0.25
+#: whose class attention a UCC cut ranks by: the block before each cut so far (summed), every block from
+#: the first, or the block before this cut alone (see the module docstring)
+HISTORIES = ("cuts", "blocks", "last")
+DEFAULT_HISTORY = "cuts"
 
 
 @dataclass(frozen=True)
@@ -95,7 +110,7 @@ class TokenMethod:
     name: str = ""
     needs_attention = False      # the class token's attention in the block before a cut
     needs_keys = False           # the attention keys in the block before a cut
-    accumulates = False          # observe every block from the first, not only the one before a cut
+    accumulates = False          # observe every block from the first, not only the one before each cut
     proportional = False         # later blocks add log(size) to the attention logits
 
     def __init__(self, use_triton: bool | None = None):
@@ -116,16 +131,24 @@ class TokenMethod:
 
 class UccMethod(TokenMethod):
     name = "ucc"
-    needs_attention = needs_keys = accumulates = proportional = True
+    needs_attention = needs_keys = proportional = True
 
-    def __init__(self, spectral_weight: float = SPECTRAL_WEIGHT, cumulative: bool = True,
+    def __init__(self, spectral_weight: float = SPECTRAL_WEIGHT, history: str = DEFAULT_HISTORY,
                  use_triton: bool | None = None):
-        """``cumulative=False`` scores with the last block's attention only (an ablation)."""
+        """``history`` says whose class attention a cut ranks by (``HISTORIES``; the module docstring)."""
         super().__init__(use_triton)
         if not 0.0 <= spectral_weight <= 1.0:
             raise HwnasError(f"spectral weight {spectral_weight} must be in [0, 1]")
+        if history not in HISTORIES:
+            raise HwnasError(f"unknown UCC history '{history}' (known: {', '.join(HISTORIES)})")
         self.spectral_weight = spectral_weight
-        self.cumulative = cumulative
+        self.history = history
+        self.accumulates = history == "blocks"
+
+    @property
+    def cumulative(self) -> bool:
+        """Whether a cut ranks by the sum over earlier observations (kept and inherited through fusion)."""
+        return self.history != "last"
 
     def running_attention(self, state: TokenState) -> Tensor | None:
         return state.attention_sum if self.cumulative else None
@@ -162,6 +185,15 @@ class UccMethod(TokenMethod):
                                   attention=None)
 
 
+class UccEveryBlockMethod(UccMethod):
+    """UCC ranking by the attention of every block before the cut (``history="blocks"``): 0–2 % slower."""
+
+    name = "ucc-blocks"
+
+    def __init__(self, spectral_weight: float = SPECTRAL_WEIGHT, use_triton: bool | None = None):
+        super().__init__(spectral_weight, "blocks", use_triton)
+
+
 class TomeMethod(TokenMethod):
     name = "tome"
     needs_keys = proportional = True
@@ -170,7 +202,8 @@ class TomeMethod(TokenMethod):
         patches, size, keys = state.patches, _sizes(state, state.patches), state.keys
         while patches.shape[1] > keep:
             remove = min(patches.shape[1] - keep, patches.shape[1] // 2)
-            patches, size, keys = _bipartite_merge(patches, size, keys, remove, self.use_triton)
+            last_round = patches.shape[1] - remove == keep
+            patches, size, keys = _bipartite_merge(patches, size, keys, remove, self.use_triton, merge_keys=not last_round)
         return state.with_patches(patches, size=size, keys=None, attention=None)
 
 
@@ -201,12 +234,13 @@ class RandomMethod(TokenMethod):
         return state.with_patches(gather_rows(patches, kept, self.use_triton))
 
 
-TOKEN_METHODS: dict[str, type[TokenMethod]] = {m.name: m for m in (UccMethod, TomeMethod, EvitMethod, RandomMethod)}
+TOKEN_METHODS: dict[str, type[TokenMethod]] = {m.name: m for m in (UccMethod, UccEveryBlockMethod, TomeMethod,
+                                                                     EvitMethod, RandomMethod)}
 DEFAULT_TOKEN_METHOD = "ucc"
 
 
 def token_method(name: str, **options) -> TokenMethod:
-    """The method called ``name`` (``ucc``, ``tome``, ``evit``, ``random``)."""
+    """The method called ``name`` (``ucc``, ``ucc-blocks``, ``tome``, ``evit``, ``random``)."""
     try:
         return TOKEN_METHODS[name](**options)
     except KeyError:
@@ -288,9 +322,12 @@ def _fuse(rows: Tensor, size: Tensor | None, keep: int, target: Tensor, use_trit
     return kept / merged_size[..., None].to(rows.dtype), merged_size
 
 
-def _bipartite_merge(patches: Tensor, size: Tensor, keys: Tensor, remove: int,
-                     use_triton: bool | None) -> tuple[Tensor, Tensor, Tensor]:
-    """One round of ToMe: merge ``remove`` tokens of set A (even positions) into set B (odd)."""
+def _bipartite_merge(patches: Tensor, size: Tensor, keys: Tensor, remove: int, use_triton: bool | None,
+                     merge_keys: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One round of ToMe: merge ``remove`` tokens of set A (even positions) into set B (odd).
+
+    Returns the tokens, their sizes and, with ``merge_keys`` (another round follows), their keys.
+    """
     metric = F.normalize(keys, dim=-1)
     similarity = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)  # [B, A, B]
     best, partner = similarity.max(dim=-1)
@@ -309,5 +346,5 @@ def _bipartite_merge(patches: Tensor, size: Tensor, keys: Tensor, remove: int,
         return merged, torch.cat([size_a.gather(1, unmerged), merged_size_b], dim=1)
 
     merged, merged_size = merge(patches, size)
-    merged_keys, _ = merge(keys, size)
+    merged_keys = merge(keys, size)[0] if merge_keys else None
     return merged, merged_size, merged_keys

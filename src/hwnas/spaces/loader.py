@@ -21,7 +21,7 @@ Schema (see ``src/hwnas/presets/*.yaml`` for complete examples)::
         transform: block_size                # one space-level variable
         values: [16, 32]
       - name: tokens
-        transform: token_method              # optional: ucc (default), tome, evit, random
+        transform: token_method              # optional: ucc (default), ucc-blocks, tome, evit, random
         values: [ucc]
 
     Targets are a list (variable NAME.TARGET each) or a mapping {label: target} (NAME.LABEL).
@@ -46,7 +46,7 @@ TRANSFORMS: dict[str, Any] = {
     "token_keep": 1.0,       # fraction of patch tokens a block processes
     "block_sparsity": 0.0,   # fraction of b x b weight blocks removed from a linear layer
     "block_size": None,      # b, a space-level choice
-    "token_method": None,    # how token_keep cuts tokens: ucc (default), tome, evit, random
+    "token_method": None,    # how token_keep cuts tokens: ucc (default), ucc-blocks, tome, evit, random
     "window_ratio": 0.0,     # fraction of Swin windows a block skips
 }
 

@@ -1,0 +1,54 @@
+"""Exports of an earlier hwnas load as what they ran: token methods renamed since are mapped to today's names."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import safetensors.torch
+import torch
+
+import hwnas
+from hwnas.export.exporter import FORMAT, RENAMED_TOKEN_METHODS
+from hwnas.models.registry import build_arch
+from hwnas.pruning.token_methods import UccEveryBlockMethod, UccMethod
+
+MODEL = {"name": "digits-deit"}
+KEEP = {"name": "keep", "transform": "token_keep", "targets": [2, 4], "values": [0.25, 0.5, 1.0]}
+METHOD = {"name": "tokens", "transform": "token_method", "values": ["ucc", "tome"]}
+
+
+def write_export(path, version: str, dimensions: list[dict], config: dict):
+    """An export as ``version`` wrote it: the architecture's weights (token methods add none) and a manifest."""
+    torch.manual_seed(0)
+    model = build_arch(MODEL)
+    for parameter in model.parameters():
+        parameter.data.normal_(0, 0.02)
+    path.mkdir()
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                                str(path / "model.safetensors"), metadata={"format": FORMAT})
+    manifest = {"format": FORMAT, "hwnas_version": version, "model": MODEL, "space": {
+        "name": "tokens", "model": MODEL, "dimensions": dimensions}, "config": config}
+    (path / "hwnas.json").write_text(json.dumps(manifest))
+    return path
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["method-variable", "default-method"])
+def test_an_older_ucc_export_loads_ranking_by_every_block(tmp_path, named):
+    dimensions = [KEEP, METHOD] if named else [KEEP]
+    config = {"keep.2": 0.5, "keep.4": 0.25, **({"tokens": "ucc"} if named else {})}
+    assert RENAMED_TOKEN_METHODS["0.1.0"]["ucc"] == "ucc-blocks"
+    old = hwnas.load(write_export(tmp_path / "old", "0.1.0", dimensions, config))
+    new = hwnas.load(write_export(tmp_path / "new", hwnas.__version__, dimensions, config))
+    assert type(old.blocks.method) is UccEveryBlockMethod and old.blocks.method.history == "blocks"
+    assert type(new.blocks.method) is UccMethod and new.blocks.method.history == "cuts"
+    assert old.blocks.observes == [True] * 4 + [False, False]
+    x = torch.randn(4, 1, 32, 32)
+    with torch.inference_mode():
+        assert old(x).shape == new(x).shape == (4, 10)
+
+
+def test_an_older_export_of_another_method_loads_unchanged(tmp_path):
+    config = {"keep.2": 0.5, "keep.4": 0.25, "tokens": "tome"}
+    old = hwnas.load(write_export(tmp_path / "old", "0.1.0", [KEEP, METHOD], config))
+    assert old.blocks.method.name == "tome"
