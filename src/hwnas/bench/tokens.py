@@ -10,7 +10,8 @@ token counts alone; the scoring and merging ops add < 1 %).
   run with each method (``hwnas`` = UCC, ``tome``, ``evit``, ``random``) and with the UCC
   ablations (``hwnas-spatial``: β = 0, attention only; ``hwnas-spectral``: β = 1;
   ``hwnas-every-block``: the attention of every block before the last cut accumulated, not only
-  of the blocks before the cuts; ``hwnas-last``: the block before the cut's alone). The summary gives
+  of the blocks before the cuts; ``hwnas-last``: the attention of the block before the cut
+  alone). The summary gives
   each method its best schedule of the family (a method is judged by the best it can do at that
   cost); the JSON holds every schedule.
 * **Latency** (``deit_small_patch16_224``, ``deit_base_patch16_224``, random weights, fp32 at

@@ -143,7 +143,10 @@ class UccMethod(TokenMethod):
             raise HwnasError(f"unknown UCC history '{history}' (known: {', '.join(HISTORIES)})")
         self.spectral_weight = spectral_weight
         self.history = history
-        self.accumulates = history == "blocks"
+
+    @property
+    def accumulates(self) -> bool:
+        return self.history == "blocks"
 
     @property
     def cumulative(self) -> bool:
@@ -202,8 +205,8 @@ class TomeMethod(TokenMethod):
         patches, size, keys = state.patches, _sizes(state, state.patches), state.keys
         while patches.shape[1] > keep:
             remove = min(patches.shape[1] - keep, patches.shape[1] // 2)
-            last_round = patches.shape[1] - remove == keep
-            patches, size, keys = _bipartite_merge(patches, size, keys, remove, self.use_triton, merge_keys=not last_round)
+            another_round = patches.shape[1] - remove > keep
+            patches, size, keys = _bipartite_merge(patches, size, keys, remove, self.use_triton, another_round)
         return state.with_patches(patches, size=size, keys=None, attention=None)
 
 
