@@ -64,8 +64,9 @@ def test_search_ablate_writes_each_study_and_the_comparison(tmp_path):
     assert spaces == {"dense", "block", "tokens", "joint"}
     assert all(len(row["metrics"]["latencies_ms"]) == 2 for row in document["results"])  # one call per round
     assert (out / "ablation.png").stat().st_size > 0 and "![fronts](ablation.png)" in (out / "ablation.md").read_text()
-    # a second call reuses the three studies: no trial is run again
+    # the joint study runs what the two single ones cost together; a second call reuses all three
     counts = {name: _trials(out / name) for name in ("block", "tokens", "joint")}
+    assert counts == {"block": 3, "tokens": 3, "joint": 6}
     again = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr
     assert {name: _trials(out / name) for name in counts} == counts

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "compare the fronts")
     ablate.add_argument("space", nargs="?", help="space YAML file or preset name with two or more techniques "
                         "(default: the embedded digits DeiT: block sparsity and token keep)")
-    ablate.add_argument("--trials", type=int, default=24, help="trials per study (default 24)")
+    ablate.add_argument("--trials", type=int, default=24,
+                        help="trials per technique's study (default 24); the joint study runs their sum")
     ablate.add_argument("--rounds", type=int, default=15,
                         help="rounds of side-by-side timing of the front models, one call each (default 15)")
     ablate.add_argument("--optimizer", default="nsga2")

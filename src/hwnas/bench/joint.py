@@ -1,12 +1,13 @@
 """``search bench joint``: block sparsity alone, token keep alone, and both searched jointly.
 
-``search ablate`` on the default space (the digits DeiT): nsga2, ``TRIALS`` trials per study,
-seed 0, accuracy and latency on this device, every front point built once and timed side by
-side in ``ROUNDS`` shuffled rounds of one call each. Rows (``hwnas.search.ablate.Ablation.rows``): ``impl`` is the space
-(``block``, ``tokens``, ``joint``, ``dense``); ``case`` the space, trial and configuration; the
-timing is the median over rounds; ``metrics``: ``accuracy``, ``flops``, ``latencies_ms``,
-``on_front`` (its own space's front), ``on_union`` (block/tokens rows), ``beyond_union`` (joint
-rows) and ``hypervolume`` of its space's front (normalised by the dense model; ``union`` too).
+``search ablate`` on the default space (the digits DeiT): nsga2, ``TRIALS`` trials per technique
+and their sum for the joint study, seed 0, accuracy and latency on this device, every front point
+built once and timed side by side in ``ROUNDS`` shuffled rounds of one call each. Rows
+(``hwnas.search.ablate.Ablation.rows``): ``impl`` is the space (``block``, ``tokens``, ``joint``,
+``dense``); ``case`` the space, trial and configuration; the timing is the median over rounds;
+``metrics``: ``accuracy``, ``flops``, ``latencies_ms``, ``on_front`` (its own space's front),
+``on_union`` (block/tokens rows), ``beyond_union`` (joint rows) and ``hypervolume`` of its space's
+front (normalised by the dense model; ``union`` too).
 The figure ``<json>.png`` draws the two fronts, their union and the joint front.
 """
 

@@ -2,14 +2,16 @@
 
 Each technique of SPACE (``TECHNIQUES``: block sparsity, token keep, window ratios) gets a study of
 the space restricted to its dimensions, under ``OUT/<technique>``, and the whole space one under
-``OUT/joint``: same optimizer, trials, seed and objectives (accuracy and latency on this
-machine); an existing study there is reused and resumed. The front points of all of them, and the
-dense model (which every space reaches), are then built once and timed side by side: ``rounds``
-rounds of one call each, in a new shuffled order per round, so a drifting machine favours no
-study; every front is recomputed on those measurements; ``union`` is the front of the
-single-technique points together. A joint point is *beyond the union* when no union point is at
-least as accurate and as fast. Written to ``ablation.json`` (the measurements, in the benchmark
-row format), ``ablation.md`` and ``ablation.png`` (each front, their union and the joint front).
+``OUT/joint``: same optimizer, seed and objectives (accuracy and latency on this machine). Each
+technique's study runs the given trials and the joint one their sum, what the union of the single
+fronts cost, so joint and union are compared at one budget. An existing study there is reused and
+resumed. The front points of all of them, and the dense model (which every space reaches), are then
+built once and timed side by side: ``rounds`` rounds of one call each, in a new shuffled order per
+round, so a drifting machine favours no study; every front is recomputed on those measurements;
+``union`` is the front of the single-technique points together. A joint point is *beyond the union*
+when no union point is at least as accurate and as fast. Written to ``ablation.json`` (the
+measurements, in the benchmark row format), ``ablation.md`` and ``ablation.png`` (each front, their
+union and the joint front).
 """
 
 from __future__ import annotations
@@ -123,12 +125,14 @@ def technique_sources(space: Space) -> dict[str, dict]:
 
 def ablate(space: Space, out: str | Path, settings: RunSettings, rounds: int = 15, console: Console | None = None,
            progress: bool = True) -> Ablation:
-    """Run (or resume) one study per technique and one of the whole space under ``out``, each with
-    ``settings`` (objectives accuracy and latency), then re-measure their fronts side by side."""
+    """Run (or resume) one study per technique, of ``settings.trials`` trials, and one of the whole space,
+    of their sum, under ``out`` (objectives accuracy and latency), then re-measure their fronts side by side."""
     console = console or Console(stderr=True)
     fronts: dict[str, list[dict]] = {}
-    for name, source in technique_sources(space).items():
-        study_settings = replace(settings, objectives=OBJECTIVE_NAMES)
+    sources = technique_sources(space)
+    for name, source in sources.items():
+        trials = settings.trials * (len(sources) - 1) if name == JOINT else settings.trials
+        study_settings = replace(settings, objectives=OBJECTIVE_NAMES, trials=trials)
         study_dir = StudyDir.reuse_or_create(Path(out) / name, load_space(source), study_settings)
         console.print(f"[bold]{name}[/]: {', '.join(study_dir.space.transforms())}")
         run_study(study_dir, console, progress)
