@@ -39,7 +39,7 @@ from hwnas.bench.record import result_row
 from hwnas.evaluators.metrics import accuracy, count_flops, fidelity_kl, predict_logits
 from hwnas.hwprofiles.latency import Ratio, cuda_graph_replay, measure_side_by_side, paired_ratio
 from hwnas.models.digits import create_digits_model, load_digits_splits
-from hwnas.pruning.token_methods import TokenMethod, TomeMethod, UccEveryBlockMethod, UccMethod, token_method
+from hwnas.pruning.token_methods import TokenMethod, UccMethod, token_method
 from hwnas.pruning.tokens import apply_token_keep
 
 DIGITS_MODEL = "digits-deit"
@@ -58,7 +58,7 @@ METHODS = {"hwnas": "ucc", "tome": "tome", "evit": "evit", "random": "random"}
 ABLATIONS = {"hwnas-spatial": dict(spectral_weight=0.0), "hwnas-spectral": dict(spectral_weight=1.0),
              "hwnas-every-block": dict(history="blocks"), "hwnas-last": dict(history="last")}
 #: what the latency cases time beside dense: UCC, its every-block history (what that history costs) and ToMe
-TIMED = {"hwnas": UccMethod, "hwnas-every-block": UccEveryBlockMethod, "tome": TomeMethod}
+TIMED = {"hwnas": "ucc", "hwnas-every-block": "ucc-blocks", "tome": "tome"}
 
 
 def schedule(depth: int, cuts, keep: float) -> dict[int, float]:
@@ -130,7 +130,7 @@ def latency_rows(device: str = "cpu", quick: bool = False) -> list[dict]:
         dense = timm.create_model(name, pretrained=False).eval()
         keep, reduction = schedule_for_flops(dense, TIMING_CUTS, 0.5, (3, 224, 224))
         variants = {"dense": dense}
-        variants.update({impl: apply_token_keep(copy.deepcopy(dense), keep, method()) for impl, method in TIMED.items()})
+        variants.update({impl: apply_token_keep(copy.deepcopy(dense), keep, method) for impl, method in TIMED.items()})
         for batch, dtype in TIMING_POINTS[device.type]:
             models = {impl: copy.deepcopy(model).to(device, dtype) for impl, model in variants.items()}
             x = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
