@@ -1,8 +1,10 @@
 """Bad input on the command line: one clear line on stderr, a non-zero exit, never a traceback."""
 
 import json
+from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
 from hwnas.cli import main
@@ -91,6 +93,23 @@ def test_bad_space_files(capsys, tmp_path, text, expected):
     assert code == 2
     assert_one_line(err, expected)
     assert not (tmp_path / "study").exists()  # nothing created for a bad request
+
+
+@pytest.mark.parametrize("file, expected", [
+    (None, "checkpoint {tmp}/w.safetensors does not exist"),
+    ({"head.weight": torch.zeros(3, 3)}, "checkpoint {tmp}/w.safetensors does not match the model"),
+])
+def test_a_checkpoint_that_cannot_be_loaded_fails_before_the_study_exists(capsys, tmp_path, monkeypatch, file,
+                                                                           expected):
+    monkeypatch.chdir(tmp_path)  # the space names it relative to the working directory
+    if file is not None:
+        safetensors.torch.save_file(file, "w.safetensors")
+    Path("space.yaml").write_text("name: x\nmodel: {name: digits-deit, checkpoint: w.safetensors}\n"
+                                  "dimensions:\n - {name: k, transform: token_keep, targets: [1], values: [0.5, 1.0]}")
+    code, err = run_cli(capsys, "run", "space.yaml", "--out", "study", "--workers", "0")
+    assert code == 2
+    assert_one_line(err, expected.format(tmp=tmp_path))
+    assert not Path("study").exists()
 
 
 def test_corrupted_export(capsys, tmp_path):

@@ -127,6 +127,8 @@ def test_export_loads_and_matches_the_evaluated_candidate(budget_run, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "latency_ms" in result.stdout and "recorded by the study" in result.stdout
     assert "1 thread)" in result.stdout
+    ratio_row = next(line for line in result.stdout.splitlines() if "latency_ms_vs_dense" in line)
+    assert "% of dense" in ratio_row.split("│")[-2]  # measured now, beside the dense model
 
     tuned = tmp_path / "tuned"
     result = search("finetune", str(export), "-o", str(tuned), "--epochs", "1", "--no-progress")

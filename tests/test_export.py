@@ -10,6 +10,7 @@ import torch
 
 import hwnas
 from hwnas.export.exporter import FORMAT, RENAMED_TOKEN_METHODS
+from hwnas.export.remeasure import remeasure
 from hwnas.models.registry import build_arch
 from hwnas.pruning.token_methods import UccEveryBlockMethod, UccMethod
 
@@ -52,3 +53,11 @@ def test_an_older_export_of_another_method_loads_unchanged(tmp_path):
     config = {"keep.2": 0.5, "keep.4": 0.25, "tokens": "tome"}
     old = hwnas.load(write_export(tmp_path / "old", "0.1.0", [KEEP, METHOD], config))
     assert old.blocks.method.name == "tome"
+
+
+def test_eval_times_the_export_beside_its_dense_model(tmp_path):
+    export = write_export(tmp_path / "export", hwnas.__version__, [KEEP], {"keep.2": 0.5, "keep.4": 0.25})
+    _, measured, _ = remeasure(str(export))
+    assert measured["latency_ms_vs_dense"] > 0 and measured["latency_ms"] > 0
+    _, alone, _ = remeasure(str(export), versus_dense=False)
+    assert "latency_ms_vs_dense" not in alone and alone["latency_ms"] > 0

@@ -119,3 +119,20 @@ def test_yaml_errors_name_file_and_key(tmp_path, text, message):
 def test_missing_file_or_preset():
     with pytest.raises(HwnasError, match="neither a YAML file nor a preset"):
         load_space("no-such-space")
+
+
+def test_paths_are_stored_absolute_so_a_study_works_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "space.yaml").write_text(
+        "name: user\n"
+        "model: {name: deit_tiny_patch16_224, checkpoint: weights/w.safetensors}\n"
+        "data: {imagefolder: ~/images, labels: folder}\n"
+        "dimensions: [{name: keep, transform: token_keep, targets: [1], values: [0.5, 1.0]}]\n")
+    space = load_space("space.yaml")
+    assert space.model["checkpoint"] == str(tmp_path / "weights" / "w.safetensors")
+    assert space.data == {"imagefolder": str(tmp_path / "home" / "images"), "labels": "folder"}
+    assert space.source["model"] == space.model and space.source["data"] == space.data  # what a study stores
+    monkeypatch.chdir(tmp_path / "..")
+    assert space_from_dict(space.source).source == space.source  # reloaded elsewhere: the same files
+    assert "data" not in space_from_dict(TOKENS).source  # nothing added to a space that names no data

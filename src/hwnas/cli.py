@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--energy", action="store_true", help="also measure energy (NVML or RAPL)")
     evaluate.add_argument("--threads", type=int, help="CPU threads (default: as many as the study measured with)")
+    evaluate.add_argument("--no-versus-dense", dest="versus_dense", action="store_false",
+                          help="do not time the dense model beside the export (no latency_ms_vs_dense; half the time)")
 
     bench = commands.add_parser("bench", help="run a benchmark; write its JSON")
     bench.add_argument("name", choices=BENCHES)
@@ -223,7 +225,7 @@ def _validate(space, settings, profiled: bool = False) -> None:
     from hwnas.evaluators.evaluator import resolve_device
     from hwnas.hwprofiles.energy import energy_counter
     from hwnas.hwprofiles.latency import device_name
-    from hwnas.models.registry import build_arch, is_builtin
+    from hwnas.models.registry import build_arch, is_builtin, load_checkpoint
     from hwnas.pruning.apply import check_space
     from hwnas.search.optimizers import OPTIMIZERS
 
@@ -250,7 +252,10 @@ def _validate(space, settings, profiled: bool = False) -> None:
         if not profiled and settings.measures_energy() and energy_counter(device) is None:
             raise HwnasError(f"no energy counter on {device_name(device)} (NVML, or RAPL under /sys/class/powercap): "
                              "drop the energy objective/budget, or predict energy for a profiled device with --hwprofile")
-    check_space(build_arch(space.model), space)
+    architecture = build_arch(space.model)
+    if space.model.get("checkpoint"):  # a missing or mismatched file fails here, before the study exists
+        load_checkpoint(architecture, space.model["checkpoint"])
+    check_space(architecture, space)
     check_data_spec(space.data, space.model)
     if not is_builtin(space.model["name"]) and not space.model.get("checkpoint"):
         _say(f"search: model {space.model['name']} has no checkpoint: its weights are random (seeded), so accuracy "
@@ -362,7 +367,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.threads is not None and args.threads < 1:
         raise HwnasError("--threads must be at least 1")
-    recorded, measured, info = remeasure(args.dir, args.data, args.labels, args.device, args.energy, args.threads)
+    recorded, measured, info = remeasure(args.dir, args.data, args.labels, args.device, args.energy, args.threads,
+                                        args.versus_dense)
     threads = f"{info['threads']} thread{'' if info['threads'] == 1 else 's'}"
     table = Table()
     for column in ("metric", "recorded by the study", "measured now"):

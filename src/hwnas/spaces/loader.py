@@ -4,7 +4,7 @@ Schema (see ``src/hwnas/presets/*.yaml`` for complete examples)::
 
     name: digits-deit-tokens
     model: {name: digits-deit}               # built-in, or a timm name + checkpoint + kwargs
-    data: {name: default}                    # or {imagefolder: DIR, labels: true}
+    data: {name: default}                    # or {imagefolder: DIR, labels: none|folder|imagenet}
     measure: {batch_size: 64, warmup: 3, repeats: 15}
     dimensions:
       - name: keep                           # variables keep.1 ... keep.5
@@ -26,7 +26,9 @@ Schema (see ``src/hwnas/presets/*.yaml`` for complete examples)::
 
     Targets are a list (variable NAME.TARGET each) or a mapping {label: target} (NAME.LABEL).
     ``block_sparsity`` targets are block indices (all linear layers of that block) or globs
-    over linear-layer names.
+    over linear-layer names. The paths ``model.checkpoint`` and ``data.imagefolder`` are relative to
+    the working directory (``~`` expands); the space stores them absolute, so a study resumes, and
+    its exports re-measure and fine-tune, from any directory.
 """
 
 from __future__ import annotations
@@ -123,6 +125,8 @@ def space_from_dict(data: dict, origin: str = "<mapping>") -> Space:
         data_spec = {"name": data_spec}
     if not isinstance(data_spec, dict):
         raise fail("data", "expected {name: default} or {imagefolder: DIR}")
+    # a path is relative to where the space is loaded; stored absolute, the study and its exports work from anywhere
+    model, data_spec = _absolute_path(model, "checkpoint"), _absolute_path(data_spec, "imagefolder")
     measure = data.get("measure") or {}
     if not isinstance(measure, dict) or set(measure) - _MEASURE_KEYS:
         raise fail("measure", f"expected a mapping with keys among {', '.join(sorted(_MEASURE_KEYS))}")
@@ -149,8 +153,16 @@ def space_from_dict(data: dict, origin: str = "<mapping>") -> Space:
         measure=measure,
         dimensions=dimensions,
         constraints=constraints,
-        source=data,
+        source={**data, "model": model, **({"data": data_spec} if "data" in data else {})},
     )
+
+
+def _absolute_path(spec: dict, key: str) -> dict:
+    """``spec`` with its path ``spec[key]`` (if any) made absolute: ``~`` expanded, relative to the working directory."""
+    path = spec.get(key)
+    if not isinstance(path, str) or not path:
+        return spec
+    return {**spec, key: str(Path(path).expanduser().absolute())}
 
 
 def _check_keys(mapping: dict, allowed: set[str], required: tuple[str, ...], fail) -> None:
