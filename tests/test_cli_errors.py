@@ -112,6 +112,34 @@ def test_a_checkpoint_that_cannot_be_loaded_fails_before_the_study_exists(capsys
     assert not Path("study").exists()
 
 
+UNLABELLED = ("name: x\nmodel: digits-deit\ndata: {{imagefolder: {tmp}, labels: none}}\n"
+              "dimensions:\n - {{name: k, transform: token_keep, targets: [1], values: [0.5, 1.0]}}")
+
+
+@pytest.mark.parametrize("argv", [["--objectives", "accuracy,latency"], ["--budget", "accuracy_drop=1%"]])
+def test_accuracy_of_images_without_labels_fails_before_the_study_exists(capsys, tmp_path, argv):
+    (tmp_path / "space.yaml").write_text(UNLABELLED.format(tmp=tmp_path))
+    code, err = run_cli(capsys, "run", str(tmp_path / "space.yaml"), *argv, "--out", str(tmp_path / "study"))
+    assert code == 2
+    assert_one_line(err, "needs labelled data, and this space's images have none")
+    assert not (tmp_path / "study").exists()
+
+
+def test_images_without_labels_optimise_fidelity_by_default(capsys, tmp_path):
+    from hwnas.cli import _default_objectives_for
+    from hwnas.search.study import RunSettings
+    from hwnas.spaces import load_space
+
+    (tmp_path / "space.yaml").write_text(UNLABELLED.format(tmp=tmp_path))
+    settings = RunSettings()
+    _default_objectives_for(load_space(tmp_path / "space.yaml"), settings)
+    assert settings.objectives == "fidelity,latency"
+    assert "have no labels: optimising fidelity,latency" in capsys.readouterr().err
+    labelled = RunSettings()
+    _default_objectives_for(load_space(), labelled)  # the digits have labels
+    assert labelled.objectives == "accuracy,latency"
+
+
 def test_corrupted_export(capsys, tmp_path):
     (tmp_path / "hwnas.json").write_text("{not json")
     code, err = run_cli(capsys, "eval", str(tmp_path))

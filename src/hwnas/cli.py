@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="search a space; write a study directory")
     run.add_argument("space", nargs="?", help="space YAML file or preset name (default: the embedded digits DeiT)")
     run.add_argument("--budget", help="hard limits, e.g. latency=5ms,energy=20mJ,accuracy_drop=1%%")
-    run.add_argument("--objectives", help="metrics to optimise (default accuracy,latency)")
+    run.add_argument("--objectives", help="metrics to optimise (default accuracy,latency; fidelity,latency when the images have no labels)")
     run.add_argument("--optimizer", help="nsga2 (pymoo, default) | optuna-nsga2 | optuna-tpe | "
                                           "evolution (SparseViT) | random | lpvit (LPViT's allocation)")
     run.add_argument("--trials", type=int, help="finished trials the study should hold (default 32)")
@@ -191,6 +191,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             "budget", "objectives", "optimizer", "trials", "population", "seed", "device", "workers", "ray_address",
             "trial_timeout", "retries")
             if getattr(args, k) is not None})
+        if args.objectives is None:
+            _default_objectives_for(space, settings)
         if args.hwprofile:
             _target_profile(settings, args.hwprofile)
         _validate(space, settings)
@@ -207,6 +209,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_objectives_for(space, settings) -> None:
+    """Images without labels cannot give accuracy: the default objectives then optimise fidelity instead."""
+    from hwnas.evaluators.data import has_labels
+
+    if not has_labels(space.data):
+        settings.objectives = settings.objectives.replace("accuracy", "fidelity")
+        _say(f"search: the space's images have no labels: optimising {settings.objectives} "
+             "(fidelity: KL divergence to the dense model's predictions)")
+
+
 def _target_profile(settings, spec: str) -> None:
     """Put the profile into the settings; on absent hardware, latency and energy become predicted metrics."""
     from hwnas.hwprofiles.profile import load_profile
@@ -221,7 +233,7 @@ def _validate(space, settings, profiled: bool = False) -> None:
 
     ``profiled``: each study will target a hardware profile (compare), which decides what is measured here.
     """
-    from hwnas.evaluators.data import check_data_spec
+    from hwnas.evaluators.data import check_data_spec, has_labels
     from hwnas.evaluators.evaluator import resolve_device
     from hwnas.hwprofiles.energy import energy_counter
     from hwnas.hwprofiles.latency import device_name
@@ -257,6 +269,10 @@ def _validate(space, settings, profiled: bool = False) -> None:
         load_checkpoint(architecture, space.model["checkpoint"])
     check_space(architecture, space)
     check_data_spec(space.data, space.model)
+    if "accuracy" in settings.metrics_read() and not has_labels(space.data):
+        raise HwnasError("accuracy (an objective, or the accuracy_drop budget) needs labelled data, and this space's "
+                         "images have none (labels: none): use fidelity, or data: {imagefolder: DIR, labels: "
+                         "folder|imagenet}")
     if not is_builtin(space.model["name"]) and not space.model.get("checkpoint"):
         _say(f"search: model {space.model['name']} has no checkpoint: its weights are random (seeded), so accuracy "
              "and fidelity describe no trained model; latency and energy do not depend on the values")
@@ -280,6 +296,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     space = load_space(args.space)
     settings = RunSettings(budget=args.budget, optimizer=args.optimizer, trials=args.trials, seed=args.seed,
                            workers=args.workers, device=args.device)
+    _default_objectives_for(space, settings)
     _validate(space, settings, profiled=True)
     results = compare(space, args.hwprofile, args.out, args.trials, args.budget, args.optimizer, args.seed,
                       args.workers, args.device, _console(stderr=True), progress=not args.no_progress)
@@ -304,6 +321,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     space = load_space(args.space)
     settings = RunSettings(optimizer=args.optimizer, trials=args.trials, seed=args.seed, workers=args.workers,
                            device=args.device)
+    _default_objectives_for(space, settings)
     _validate(space, settings)
     ablation = ablate(space, args.out, settings, args.rounds, _console(stderr=True), progress=not args.no_progress)
     _console().print(ablation_table(ablation))

@@ -49,6 +49,11 @@ def check_data_spec(data: dict, model_spec: dict) -> None:
                          "(the default data is the digits set of the built-in models)")
 
 
+def has_labels(data: dict) -> bool:
+    """Whether a space's ``data:`` mapping gives labels, so that accuracy can be measured."""
+    return data.get("labels", "none") != "none" if "imagefolder" in data else True
+
+
 def load_eval_data(data: dict, model_spec: dict, model: nn.Module) -> EvalData:
     """Resolve a space's ``data:`` mapping for the given model."""
     check_data_spec(data, model_spec)
