@@ -82,7 +82,7 @@ def test_training_with_dropout_does_not_depend_on_the_global_generator():
         model = digits.VisionTransformer(**arch)
         model.load_state_dict(initial)
         before = torch.random.get_rng_state()
-        digits.train_model(model, splits, recipe, progress=False)
+        digits.train_model(model, splits.train_x, splits.train_y, recipe, progress=False)
         assert torch.equal(torch.random.get_rng_state(), before)
         trained.append(model.state_dict())
     for name, tensor in trained[0].items():

@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="search a space; write a study directory")
     run.add_argument("space", nargs="?", help="space YAML file or preset name (default: the embedded digits DeiT)")
     run.add_argument("--budget", help="hard limits, e.g. latency=5ms,energy=20mJ,accuracy_drop=1%%")
-    run.add_argument("--objectives", help="metrics to optimise (default accuracy,latency; fidelity,latency when the images have no labels)")
+    run.add_argument("--objectives", help="metrics to optimise (default accuracy,latency; fidelity,latency when "
+                                          "the images have no labels)")
     run.add_argument("--optimizer", help="nsga2 (pymoo, default) | optuna-nsga2 | optuna-tpe | "
                                           "evolution (SparseViT) | random | lpvit (LPViT's allocation)")
     run.add_argument("--trials", type=int, help="finished trials the study should hold (default 32)")
@@ -98,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("dir", help="an export (search export ... -o DIR)")
     finetune.add_argument("-o", "--output", required=True, help="new export directory")
     finetune.add_argument("--epochs", type=int, help="training epochs (default 20)")
+    finetune.add_argument("--lr", type=float, help="peak learning rate of AdamW (default 2e-4)")
+    finetune.add_argument("--data", help="timm models: an ImageFolder to train on (default: the space's images)")
+    finetune.add_argument("--labels", default="none", help="for --data DIR: none | folder | imagenet")
     finetune.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     evaluate = commands.add_parser("eval", help="re-measure an exported model")
@@ -373,9 +377,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from hwnas.export.finetune import finetune_export
 
-    summary = finetune_export(args.dir, args.output, epochs=args.epochs, progress=not args.no_progress)
-    _console().print(f"test accuracy: dense {summary['dense_accuracy']:.2%} · pruned {summary['accuracy_before']:.2%} "
-                     f"→ distilled {summary['accuracy_after']:.2%} ({summary['epochs']} epochs) · {args.output}")
+    summary = finetune_export(args.dir, args.output, epochs=args.epochs, progress=not args.no_progress,
+                              data=args.data, labels=args.labels, lr=args.lr)
+    trained = f"({summary['epochs']} epochs on {summary['train_images']} images) · {args.output}"
+    if summary["metric"] == "accuracy":
+        _console().print(f"test accuracy: dense {summary['dense_accuracy']:.2%} · "
+                         f"pruned {summary['accuracy_before']:.2%} → distilled {summary['accuracy_after']:.2%} {trained}")
+    else:
+        _console().print(f"test fidelity_kl to dense: pruned {summary['fidelity_kl_before']:.4g} "
+                         f"→ distilled {summary['fidelity_kl_after']:.4g} {trained}")
     return 0
 
 

@@ -30,6 +30,7 @@ class EvalData:
     calib_x: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor | None
+    calib_y: torch.Tensor | None = None  # what fine-tuning trains on; search reads no calibration labels
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -61,7 +62,7 @@ def load_eval_data(data: dict, model_spec: dict, model: nn.Module) -> EvalData:
         return load_imagefolder(data["imagefolder"], model, data.get("labels", "none"),
                                 float(data.get("calib_fraction", 0.5)), data.get("max_images"))
     splits = load_digits_splits(img_size=int(model.patch_embed.img_size[0]))
-    return EvalData("digits", splits.calib_x, splits.test_x, splits.test_y)
+    return EvalData("digits", splits.calib_x, splits.test_x, splits.test_y, splits.calib_y)
 
 
 def load_imagefolder(root: str | Path, model: nn.Module, labels: str = "none", calib_fraction: float = 0.5,
@@ -106,7 +107,7 @@ def load_imagefolder(root: str | Path, model: nn.Module, labels: str = "none", c
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     n_calib = max(1, min(len(x) - 1, round(calib_fraction * len(x))))
     calib, test = order[:n_calib], order[n_calib:]
-    return EvalData(root.name, x[calib], x[test], None if y is None else y[test])
+    return EvalData(root.name, x[calib], x[test], None if y is None else y[test], None if y is None else y[calib])
 
 
 def _check_imagefolder(root: Path, labels: str, max_images) -> None:

@@ -160,7 +160,8 @@ def create_digits_model(name: str, progress: bool = True) -> nn.Module:
         _adapt_to_windows(model, recipe, progress)
     else:
         splits = load_digits_splits(img_size=DIGITS_MODELS[name]["img_size"], seed=_SPLIT_SEED)
-        train_model(model, splits, RECIPES[name], description=f"training {name}", progress=progress)
+        train_model(model, splits.train_x, splits.train_y, RECIPES[name], description=f"training {name}",
+                    progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
@@ -175,7 +176,8 @@ def _adapt_to_windows(model: nn.Module, recipe: TrainRecipe, progress: bool) -> 
 
     splits = load_digits_splits(img_size=DIGITS_MODELS["digits-swin"]["img_size"], seed=_SPLIT_SEED)
     hook = train_step_hook(model, torch.Generator().manual_seed(recipe.seed))
-    train_model(model, splits, recipe, description="sparsity-aware adaptation", progress=progress, before_step=hook)
+    train_model(model, splits.train_x, splits.train_y, recipe, description="sparsity-aware adaptation",
+                progress=progress, before_step=hook)
     apply_window_ratios(model, {})  # back to the dense structure
 
 
@@ -196,27 +198,31 @@ def random_affine(x: Tensor, recipe: TrainRecipe, generator: torch.Generator) ->
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def train_model(model: nn.Module, splits: DigitsSplits, recipe: TrainRecipe, description: str = "training",
-                progress: bool = True, before_step: Callable[[], None] | None = None,
-                loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None) -> None:
-    """Train ``model`` in place on the training split (deterministic for a fixed recipe seed).
+def train_model(model: nn.Module, images: Tensor, labels: Tensor | None, recipe: TrainRecipe,
+                description: str = "training", progress: bool = True, before_step: Callable[[], None] | None = None,
+                loss_fn: Callable[[Tensor, Tensor, Tensor | None], Tensor] | None = None) -> None:
+    """Train ``model`` in place on ``images [N, C, H, W]`` (deterministic for a fixed recipe seed).
 
+    ``labels [N]`` may be None when ``loss_fn`` needs none (distillation from a teacher).
     ``before_step`` runs before every optimisation step (e.g. to draw a random sparsity configuration);
     ``loss_fn(images, logits, labels)`` replaces the label-smoothed cross-entropy (e.g. distillation).
     Only parameters that require grad are optimised. Dropout and stochastic depth draw from torch's
     global generator, seeded here from the recipe (and restored afterwards), so they do not depend
     on what the process ran before.
     """
+    if labels is None and loss_fn is None:
+        raise ValueError("training without labels needs a loss_fn")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
-        _train(model, splits, recipe, description, progress, before_step, loss_fn)
+        _train(model, images, labels, recipe, description, progress, before_step, loss_fn)
     model.eval()
 
 
-def _train(model: nn.Module, splits: DigitsSplits, recipe: TrainRecipe, description: str, progress: bool,
-           before_step: Callable[[], None] | None, loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor] | None) -> None:
+def _train(model: nn.Module, images: Tensor, labels: Tensor | None, recipe: TrainRecipe, description: str,
+           progress: bool, before_step: Callable[[], None] | None,
+           loss_fn: Callable[[Tensor, Tensor, Tensor | None], Tensor] | None) -> None:
     generator = torch.Generator().manual_seed(recipe.seed)
-    n = len(splits.train_y)
+    n = len(images)
     steps_per_epoch = math.ceil(n / recipe.batch_size)
     total, warmup = recipe.epochs * steps_per_epoch, round(recipe.warmup_epochs * steps_per_epoch)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -232,21 +238,22 @@ def _train(model: nn.Module, splits: DigitsSplits, recipe: TrainRecipe, descript
             model.train()
             loss_sum, correct = 0.0, 0
             for batch in torch.randperm(n, generator=generator).split(recipe.batch_size):
-                x = random_affine(splits.train_x[batch], recipe, generator)
+                x = random_affine(images[batch], recipe, generator)
+                y = None if labels is None else labels[batch]
                 if before_step is not None:
                     before_step()
                 logits = model(x)
-                if loss_fn is None:
-                    loss = F.cross_entropy(logits, splits.train_y[batch], label_smoothing=recipe.label_smoothing)
-                else:
-                    loss = loss_fn(x, logits, splits.train_y[batch])
+                loss = F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing) if loss_fn is None \
+                    else loss_fn(x, logits, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 schedule.step()
                 loss_sum += loss.item() * len(batch)
-                correct += (logits.argmax(1) == splits.train_y[batch]).sum().item()
-            bar.update(task, advance=1, status=f"loss {loss_sum / n:.3f}  train acc {correct / n:.1%}")
+                if y is not None:
+                    correct += (logits.argmax(1) == y).sum().item()
+            accuracy = "" if labels is None else f"  train acc {correct / n:.1%}"
+            bar.update(task, advance=1, status=f"loss {loss_sum / n:.3f}{accuracy}")
 
 
 @torch.inference_mode()
