@@ -173,3 +173,17 @@ def test_training_without_labels_needs_a_loss():
 
     with pytest.raises(ValueError, match="needs a loss_fn"):
         train_model(torch.nn.Linear(2, 2), torch.randn(4, 2), None, RECIPES["digits-deit"], progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_timm_export_distils_on_cuda(tmp_path, user_teacher):
+    export = write_user_export(tmp_path, user_teacher)
+    summary = finetune_export(export, tmp_path / "tuned", epochs=10, progress=False, device="cuda")
+    assert summary["fidelity_kl_after"] < 0.5 * summary["fidelity_kl_before"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_finetune_on_a_missing_device_is_a_clear_error(tmp_path, user_teacher):
+    export = write_user_export(tmp_path, user_teacher)
+    with pytest.raises(HwnasError, match="CUDA is not available"):
+        finetune_export(export, tmp_path / "tuned", epochs=1, progress=False, device="cuda")

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from hwnas.errors import HwnasError
 from hwnas.evaluators.data import load_eval_data
+from hwnas.evaluators.evaluator import resolve_device
 from hwnas.evaluators.metrics import fidelity_kl, predict_logits
 from hwnas.export.exporter import FORMAT, load, read_manifest
 from hwnas.models.digits import TrainRecipe, evaluate_accuracy, load_digits_splits, train_model
@@ -86,14 +87,16 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, student_to
 
 
 def finetune_export(export_dir: str | Path, out: str | Path, epochs: int | None = None, progress: bool = True,
-                    data: str | None = None, labels: str = "none", lr: float | None = None) -> dict:
+                    data: str | None = None, labels: str = "none", lr: float | None = None, device: str = "cpu"
+                    ) -> dict:
     """Distil the export in ``export_dir`` from its dense model; write the result to ``out``. Returns the summary.
 
     A built-in digits model trains on the digits' training split. A timm model trains on an
     ImageFolder (``data``, or its space's own): on the half of it that search calibrated on, and
     is measured on the other half, the test split. With labels (``labels``: ``folder`` or
     ``imagenet``) the summary gives test accuracy; without, distillation needs none and the summary
-    gives the test split's ``fidelity_kl`` to the dense model.
+    gives the test split's ``fidelity_kl`` to the dense model. Student and teacher train and are
+    measured on ``device``.
     """
     export_dir, out = Path(export_dir), Path(out)
     manifest = read_manifest(export_dir)
@@ -106,40 +109,42 @@ def finetune_export(export_dir: str | Path, out: str | Path, epochs: int | None 
         raise HwnasError(f"--epochs must be at least 1, got {recipe.epochs}")
     if recipe.lr <= 0:
         raise HwnasError(f"--lr must be positive, got {recipe.lr}")
+    target = resolve_device(device)
     student = load(export_dir)
     if not (hasattr(student, "blocks") and hasattr(student, "norm") and getattr(student, "num_prefix_tokens", 0)):
         raise HwnasError(f"finetune distils ViT/DeiT exports with a class token; {type(student).__name__} "
                          "(e.g. a Swin window export) is not supported yet")
     teacher = load_model(manifest["model"], progress=progress).eval()
+    student, teacher = student.to(target), teacher.to(target)
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
-    images = _finetune_data(manifest, student, teacher, data, labels)
-    metric, score = _test_metric(teacher, images.test_x, images.test_y)
+    sets = _finetune_data(manifest, student, teacher, data, labels)
+    metric, score = _test_metric(teacher, sets.test_x, sets.test_y)
     before = score(student)
 
     student_tokens, teacher_tokens = ClassTokens(student), ClassTokens(teacher)
 
-    def loss_fn(images: Tensor, logits: Tensor, labels: Tensor | None) -> Tensor:
+    def loss_fn(batch: Tensor, logits: Tensor, batch_labels: Tensor | None) -> Tensor:
         with torch.no_grad():
-            teacher_logits = teacher(images)
-        return distillation_loss(logits, teacher_logits, student_tokens.take(), teacher_tokens.take(), labels,
+            teacher_logits = teacher(batch)
+        return distillation_loss(logits, teacher_logits, student_tokens.take(), teacher_tokens.take(), batch_labels,
                                  recipe.label_smoothing)
 
     with forced_impl(student, "dense"):  # frozen blocks, but gradients must pass them; only dense has a backward
-        train_model(student, images.train_x, images.train_y, recipe, "distilling", progress=progress, loss_fn=loss_fn)
+        train_model(student, sets.train_x, sets.train_y, recipe, "distilling", progress=progress, loss_fn=loss_fn)
     student_tokens.close()
     teacher_tokens.close()
     summary = {"epochs": recipe.epochs, "recipe": asdict(recipe), "soft_temperature": SOFT_TEMPERATURE,
-               "exploration_weight": EXPLORATION_WEIGHT, "data": images.source, "train_images": len(images.train_x),
-               "test_images": len(images.test_x), "metric": metric, f"{metric}_before": before,
+               "exploration_weight": EXPLORATION_WEIGHT, "data": sets.source, "train_images": len(sets.train_x),
+               "test_images": len(sets.test_x), "metric": metric, f"{metric}_before": before,
                f"{metric}_after": score(student), "from": str(export_dir.resolve())}
     if metric == "accuracy":
         summary["dense_accuracy"] = score(teacher)
     # the export's quality metrics as search defines them (and search eval re-measures them): accuracy on the
     # test split, fidelity on the space's calibration images (unknown after training on other images)
     metrics = {"accuracy": summary["accuracy_after"]} if metric == "accuracy" else {}
-    if images.calib_x is not None:
-        metrics["fidelity_kl"] = _fidelity_to(teacher, images.calib_x)(student)
+    if sets.calib_x is not None:
+        metrics["fidelity_kl"] = _fidelity_to(teacher, sets.calib_x)(student)
     _write(student, manifest, summary, metrics, out)
     return summary
 

@@ -203,7 +203,8 @@ def train_model(model: nn.Module, images: Tensor, labels: Tensor | None, recipe:
                 loss_fn: Callable[[Tensor, Tensor, Tensor | None], Tensor] | None = None) -> None:
     """Train ``model`` in place on ``images [N, C, H, W]`` (deterministic for a fixed recipe seed).
 
-    ``labels [N]`` may be None when ``loss_fn`` needs none (distillation from a teacher).
+    ``labels [N]`` may be None when ``loss_fn`` needs none (distillation from a teacher). The images
+    stay where they are; each jittered batch moves to the model's device.
     ``before_step`` runs before every optimisation step (e.g. to draw a random sparsity configuration);
     ``loss_fn(images, logits, labels)`` replaces the label-smoothed cross-entropy (e.g. distillation).
     Only parameters that require grad are optimised. Dropout and stochastic depth draw from torch's
@@ -222,6 +223,7 @@ def _train(model: nn.Module, images: Tensor, labels: Tensor | None, recipe: Trai
            progress: bool, before_step: Callable[[], None] | None,
            loss_fn: Callable[[Tensor, Tensor, Tensor | None], Tensor] | None) -> None:
     generator = torch.Generator().manual_seed(recipe.seed)
+    device = next(model.parameters()).device
     n = len(images)
     steps_per_epoch = math.ceil(n / recipe.batch_size)
     total, warmup = recipe.epochs * steps_per_epoch, round(recipe.warmup_epochs * steps_per_epoch)
@@ -238,8 +240,8 @@ def _train(model: nn.Module, images: Tensor, labels: Tensor | None, recipe: Trai
             model.train()
             loss_sum, correct = 0.0, 0
             for batch in torch.randperm(n, generator=generator).split(recipe.batch_size):
-                x = random_affine(images[batch], recipe, generator)
-                y = None if labels is None else labels[batch]
+                x = random_affine(images[batch], recipe, generator).to(device)
+                y = None if labels is None else labels[batch].to(device)
                 if before_step is not None:
                     before_step()
                 logits = model(x)
@@ -258,7 +260,9 @@ def _train(model: nn.Module, images: Tensor, labels: Tensor | None, recipe: Trai
 
 @torch.inference_mode()
 def evaluate_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> float:
-    """Top-1 accuracy of ``model`` (switched to eval mode) on images ``x`` with labels ``y``."""
+    """Top-1 accuracy of ``model`` (switched to eval mode, on its device) on images ``x`` with labels ``y``."""
     model.eval()
-    correct = sum((model(xb).argmax(1) == yb).sum().item() for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
+    device = next(model.parameters()).device
+    correct = sum((model(xb.to(device)).argmax(1).cpu() == yb).sum().item()
+                  for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
     return correct / len(y)
