@@ -140,6 +140,18 @@ def test_images_without_labels_optimise_fidelity_by_default(capsys, tmp_path):
     assert labelled.objectives == "accuracy,latency"
 
 
+@pytest.mark.parametrize("command", ["export", "finetune"])
+def test_an_export_never_writes_over_other_files(capsys, tmp_path, command):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "model.safetensors").write_text("the user's own file")
+    (tmp_path / "file").write_text("")
+    for out, expected in ((tmp_path / "mine", "exists and is not an hwnas export"), (tmp_path / "file", "is a file")):
+        code, err = run_cli(capsys, command, str(tmp_path / "study"), "-o", str(out))
+        assert code == 2
+        assert_one_line(err, expected)
+    assert (tmp_path / "mine" / "model.safetensors").read_text() == "the user's own file"
+
+
 def test_corrupted_export(capsys, tmp_path):
     (tmp_path / "hwnas.json").write_text("{not json")
     code, err = run_cli(capsys, "eval", str(tmp_path))

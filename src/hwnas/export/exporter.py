@@ -71,6 +71,7 @@ def choose_trial(study_dir: StudyDir, trial: int | None, pick: str | None) -> di
 
 def export_model(study_path: str | Path, out: str | Path, trial: int | None = None, pick: str | None = None) -> Path:
     """Write ``OUT/model.safetensors`` and ``OUT/hwnas.json`` for the chosen trial."""
+    check_export_target(out)
     study_dir = StudyDir.open(study_path)
     chosen = choose_trial(study_dir, trial, pick)
     space = study_dir.space
@@ -99,6 +100,15 @@ def export_model(study_path: str | Path, out: str | Path, trial: int | None = No
     }
     (out / "hwnas.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return out
+
+
+def check_export_target(out: str | Path) -> None:
+    """Raise unless ``out`` can take an export: a new or empty directory, or an earlier export (replaced)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise HwnasError(f"{out} is a file: an export is a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "hwnas.json").is_file():
+        raise HwnasError(f"{out} exists and is not an hwnas export: choose a new or empty directory")
 
 
 def read_manifest(path: str | Path) -> dict:

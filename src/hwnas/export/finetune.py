@@ -33,7 +33,7 @@ from hwnas.errors import HwnasError
 from hwnas.evaluators.data import load_eval_data
 from hwnas.evaluators.evaluator import resolve_device
 from hwnas.evaluators.metrics import fidelity_kl, predict_logits
-from hwnas.export.exporter import FORMAT, load, read_manifest
+from hwnas.export.exporter import FORMAT, check_export_target, load, read_manifest
 from hwnas.models.digits import TrainRecipe, evaluate_accuracy, load_digits_splits, train_model
 from hwnas.models.registry import is_builtin, load_model
 from hwnas.pruning.block_layers import forced_impl
@@ -99,11 +99,10 @@ def finetune_export(export_dir: str | Path, out: str | Path, epochs: int | None 
     measured on ``device``.
     """
     export_dir, out = Path(export_dir), Path(out)
-    manifest = read_manifest(export_dir)
     if out.resolve() == export_dir.resolve():
         raise HwnasError("--output must differ from the export it fine-tunes (the original is kept)")
-    if out.is_dir() and any(out.iterdir()) and not (out / "hwnas.json").is_file():
-        raise HwnasError(f"{out} exists and is not an hwnas export: choose a new or empty directory")
+    check_export_target(out)
+    manifest = read_manifest(export_dir)
     recipe = replace(FINETUNE_RECIPE, **{k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None})
     if recipe.epochs < 1:
         raise HwnasError(f"--epochs must be at least 1, got {recipe.epochs}")
