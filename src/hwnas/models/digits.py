@@ -245,8 +245,10 @@ def _train(model: nn.Module, images: Tensor, labels: Tensor | None, recipe: Trai
                 if before_step is not None:
                     before_step()
                 logits = model(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing) if loss_fn is None \
-                    else loss_fn(x, logits, y)
+                if loss_fn is None:
+                    loss = F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
+                else:
+                    loss = loss_fn(x, logits, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
