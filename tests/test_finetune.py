@@ -147,8 +147,9 @@ def test_a_timm_export_trains_on_labelled_images_given_on_the_command_line(tmp_p
 
     export = write_user_export(tmp_path, user_teacher)
     summary = finetune_export(export, tmp_path / "tuned", epochs=1, progress=False, data=str(user_teacher / "images"),
-                              labels="folder")
+                              labels="folder", max_images=30)
     assert summary["metric"] == "accuracy" and summary["dense_accuracy"] == 1.0
+    assert summary["train_images"] + summary["test_images"] == 30
     assert summary["data"] == str(user_teacher / "images")
     metrics = read_manifest(tmp_path / "tuned")["metrics"]
     assert metrics["accuracy"] == summary["accuracy_after"]
@@ -166,6 +167,10 @@ def test_finetune_says_what_data_it_needs(tmp_path, user_teacher):
         finetune_export(export, tmp_path / "out", epochs=1, progress=False)
     with pytest.raises(HwnasError, match="--lr must be positive"):
         finetune_export(export, tmp_path / "out", lr=0.0, progress=False)
+    with pytest.raises(HwnasError, match="--max-images caps --data DIR"):
+        finetune_export(export, tmp_path / "out", max_images=10, progress=False)
+    with pytest.raises(HwnasError, match="max_images must be an integer >= 2"):
+        finetune_export(export, tmp_path / "out", data=str(user_teacher / "images"), max_images=1, progress=False)
 
 
 def test_training_without_labels_needs_a_loss():

@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--lr", type=float, help="peak learning rate of AdamW (default 2e-4)")
     finetune.add_argument("--data", help="timm models: an ImageFolder to train on (default: the space's images)")
     finetune.add_argument("--labels", default="none", help="for --data DIR: none | folder | imagenet")
+    finetune.add_argument("--max-images", type=int, help="for --data DIR: read at most N images (a seeded random "
+                                                         "subset; all are held in memory)")
     finetune.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
     finetune.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -379,7 +381,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from hwnas.export.finetune import finetune_export
 
     summary = finetune_export(args.dir, args.output, epochs=args.epochs, progress=not args.no_progress,
-                              data=args.data, labels=args.labels, lr=args.lr, device=args.device)
+                              data=args.data, labels=args.labels, lr=args.lr, device=args.device,
+                              max_images=args.max_images)
     trained = f"({summary['epochs']} epochs on {summary['train_images']} images) · {args.output}"
     if summary["metric"] == "accuracy":
         _console().print(f"test accuracy: dense {summary['dense_accuracy']:.2%} · "

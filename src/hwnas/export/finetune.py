@@ -87,16 +87,16 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, student_to
 
 
 def finetune_export(export_dir: str | Path, out: str | Path, epochs: int | None = None, progress: bool = True,
-                    data: str | None = None, labels: str = "none", lr: float | None = None, device: str = "cpu"
-                    ) -> dict:
+                    data: str | None = None, labels: str = "none", lr: float | None = None, device: str = "cpu",
+                    max_images: int | None = None) -> dict:
     """Distil the export in ``export_dir`` from its dense model; write the result to ``out``. Returns the summary.
 
     A built-in digits model trains on the digits' training split. A timm model trains on an
     ImageFolder (``data``, or its space's own): on the half of it that search calibrated on, and
     is measured on the other half, the test split. With labels (``labels``: ``folder`` or
     ``imagenet``) the summary gives test accuracy; without, distillation needs none and the summary
-    gives the test split's ``fidelity_kl`` to the dense model. Student and teacher train and are
-    measured on ``device``.
+    gives the test split's ``fidelity_kl`` to the dense model. ``max_images`` caps how many images of
+    ``data`` are read (all are held in memory). Student and teacher train and are measured on ``device``.
     """
     export_dir, out = Path(export_dir), Path(out)
     if out.resolve() == export_dir.resolve():
@@ -117,7 +117,7 @@ def finetune_export(export_dir: str | Path, out: str | Path, epochs: int | None 
     student, teacher = student.to(target), teacher.to(target)
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
-    sets = _finetune_data(manifest, student, teacher, data, labels)
+    sets = _finetune_data(manifest, student, teacher, data, labels, max_images)
     metric, score = _test_metric(teacher, sets.test_x, sets.test_y)
     before = score(student)
 
@@ -161,17 +161,22 @@ class FinetuneData:
     calib_x: Tensor | None
 
 
-def _finetune_data(manifest: dict, student: nn.Module, teacher: nn.Module, data: str | None, labels: str
-                   ) -> FinetuneData:
+def _finetune_data(manifest: dict, student: nn.Module, teacher: nn.Module, data: str | None, labels: str,
+                   max_images: int | None) -> FinetuneData:
     """The images the export's model fine-tunes on (see ``finetune_export``)."""
     model = manifest["model"]
+    if data is None and max_images is not None:
+        raise HwnasError("--max-images caps --data DIR; the space's own images keep the space's max_images")
     if is_builtin(model["name"]):
         if data is not None:
             raise HwnasError(f"the built-in model '{model['name']}' fine-tunes on the digits; "
                              "--data is for timm models")
         splits = load_digits_splits(img_size=getattr(student.patch_embed, "img_size", (32, 32))[0])
         return FinetuneData("digits", splits.train_x, splits.train_y, splits.test_x, splits.test_y, splits.calib_x)
-    spec = {"imagefolder": data, "labels": labels} if data is not None else manifest["space"].get("data", {})
+    if data is None:
+        spec = manifest["space"].get("data", {})
+    else:
+        spec = {"imagefolder": data, "labels": labels, "max_images": max_images}
     if "imagefolder" not in spec:
         raise HwnasError(f"finetune of '{model['name']}' trains on images: give --data DIR (an ImageFolder; "
                          "--labels folder|imagenet to train on its labels too)")
