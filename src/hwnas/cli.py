@@ -383,7 +383,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     summary = finetune_export(args.dir, args.output, epochs=args.epochs, progress=not args.no_progress,
                               data=args.data, labels=args.labels, lr=args.lr, device=args.device,
                               max_images=args.max_images)
-    trained = f"({summary['epochs']} epochs on {summary['train_images']} images) · {args.output}"
+    epochs = f"{summary['epochs']} epoch{'' if summary['epochs'] == 1 else 's'}"
+    trained = f"({epochs} on {summary['train_images']} images) · {args.output}"
     if summary["metric"] == "accuracy":
         _console().print(f"test accuracy: dense {summary['dense_accuracy']:.2%} · "
                          f"pruned {summary['accuracy_before']:.2%} → distilled {summary['accuracy_after']:.2%} {trained}")
