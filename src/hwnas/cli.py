@@ -383,8 +383,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     summary = finetune_export(args.dir, args.output, epochs=args.epochs, progress=not args.no_progress,
                               data=args.data, labels=args.labels, lr=args.lr, device=args.device,
                               max_images=args.max_images)
-    epochs = f"{summary['epochs']} epoch{'' if summary['epochs'] == 1 else 's'}"
-    trained = f"({epochs} on {summary['train_images']} images) · {args.output}"
+    trained = f"({_counted(summary['epochs'], 'epoch')} on {summary['train_images']} images) · {args.output}"
     if summary["metric"] == "accuracy":
         _console().print(f"test accuracy: dense {summary['dense_accuracy']:.2%} · "
                          f"pruned {summary['accuracy_before']:.2%} → distilled {summary['accuracy_after']:.2%} {trained}")
@@ -402,7 +401,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise HwnasError("--threads must be at least 1")
     recorded, measured, info = remeasure(args.dir, args.data, args.labels, args.device, args.energy, args.threads,
                                         args.versus_dense)
-    threads = f"{info['threads']} thread{'' if info['threads'] == 1 else 's'}"
+    threads = _counted(info["threads"], "thread")
     table = Table()
     for column in ("metric", "recorded by the study", "measured now"):
         table.add_column(column, justify="right")
@@ -416,6 +415,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     console.print(f"{args.dir} · {info['device']} (batch {info['batch_size']}, {threads})", markup=False)
     console.print(table)
     return 0
+
+
+def _counted(count: int, noun: str) -> str:
+    """``1 thread``, ``2 threads``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
