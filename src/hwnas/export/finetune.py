@@ -117,7 +117,7 @@ def finetune_export(export_dir: str | Path, out: str | Path, epochs: int | None 
     student, teacher = student.to(target), teacher.to(target)
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
-    sets = _finetune_data(manifest, student, teacher, data, labels, max_images)
+    sets = _finetune_data(manifest, teacher, data, labels, max_images)
     metric, score = _test_metric(teacher, sets.test_x, sets.test_y)
     before = score(student)
 
@@ -161,8 +161,8 @@ class FinetuneData:
     calib_x: Tensor | None
 
 
-def _finetune_data(manifest: dict, student: nn.Module, teacher: nn.Module, data: str | None, labels: str,
-                   max_images: int | None) -> FinetuneData:
+def _finetune_data(manifest: dict, teacher: nn.Module, data: str | None, labels: str, max_images: int | None
+                   ) -> FinetuneData:
     """The images the export's model fine-tunes on (see ``finetune_export``)."""
     model = manifest["model"]
     if data is None and max_images is not None:
@@ -171,7 +171,7 @@ def _finetune_data(manifest: dict, student: nn.Module, teacher: nn.Module, data:
         if data is not None:
             raise HwnasError(f"the built-in model '{model['name']}' fine-tunes on the digits; "
                              "--data is for timm models")
-        splits = load_digits_splits(img_size=getattr(student.patch_embed, "img_size", (32, 32))[0])
+        splits = load_digits_splits(img_size=getattr(teacher.patch_embed, "img_size", (32, 32))[0])
         return FinetuneData("digits", splits.train_x, splits.train_y, splits.test_x, splits.test_y, splits.calib_x)
     if data is None:
         spec = manifest["space"].get("data", {})
