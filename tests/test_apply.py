@@ -117,3 +117,27 @@ def test_check_space_rejects_values_no_pruner_can_build(vit, dimension, message)
     data = {**SPACE, "dimensions": SPACE["dimensions"][:1] + [dimension]}
     with pytest.raises(HwnasError, match=message):
         check_space(vit, space_from_dict(data))
+
+
+def test_spectral_weight_sets_the_ucc_score_and_leaves_other_methods_alone(vit):
+    from hwnas.pruning.token_methods import SPECTRAL_WEIGHT
+    data = {"name": "tokens", "model": {"name": "digits-deit"}, "dimensions": [
+        {"name": "keep", "transform": "token_keep", "targets": [1], "values": [0.5, 1.0]},
+        {"name": "tokens", "transform": "token_method", "values": ["ucc", "ucc-blocks", "tome"]},
+        {"name": "beta", "transform": "spectral_weight", "values": [0.0, 0.5]}]}
+    space = space_from_dict(data)
+    check_space(vit, space)
+    for method in ("ucc", "ucc-blocks"):
+        model = apply_config(vit, space, {"keep.1": 0.5, "tokens": method, "beta": 0.5})
+        assert model.blocks.method.name == method and model.blocks.method.spectral_weight == 0.5
+    assert apply_config(vit, space, {"keep.1": 0.5, "tokens": "tome", "beta": 0.5}).blocks.method.name == "tome"
+    unset = space_from_dict({**data, "dimensions": data["dimensions"][:2]})
+    assert apply_config(vit, unset, {"keep.1": 0.5, "tokens": "ucc"}).blocks.method.spectral_weight == SPECTRAL_WEIGHT
+
+
+@pytest.mark.parametrize("values", [[0.3, 1.5], ["high"], [True]])
+def test_check_space_rejects_spectral_weights_outside_0_1(vit, values):
+    data = {**SPACE, "dimensions": SPACE["dimensions"][:1] + [
+        {"name": "beta", "transform": "spectral_weight", "values": values}]}
+    with pytest.raises(HwnasError, match="spectral weights must be numbers in"):
+        check_space(vit, space_from_dict(data))

@@ -1,4 +1,5 @@
-"""Exports of an earlier hwnas load as what they ran: token methods renamed since are mapped to today's names."""
+"""Exports of an earlier hwnas load as what they ran: token methods renamed since are mapped to today's names,
+and UCC scores with the spectral weight of that version."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import hwnas
 from hwnas.export.exporter import FORMAT, RENAMED_TOKEN_METHODS
 from hwnas.export.remeasure import remeasure
 from hwnas.models.registry import build_arch
-from hwnas.pruning.token_methods import UccEveryBlockMethod, UccMethod
+from hwnas.pruning.token_methods import EARLIER_SPECTRAL_WEIGHT, SPECTRAL_WEIGHT, UccEveryBlockMethod, UccMethod
 
 MODEL = {"name": "digits-deit"}
 KEEP = {"name": "keep", "transform": "token_keep", "targets": [2, 4], "values": [0.25, 0.5, 1.0]}
@@ -43,10 +44,25 @@ def test_an_older_ucc_export_loads_ranking_by_every_block(tmp_path, named):
     new = hwnas.load(write_export(tmp_path / "new", hwnas.__version__, dimensions, config))
     assert type(old.blocks.method) is UccEveryBlockMethod and old.blocks.method.history == "blocks"
     assert type(new.blocks.method) is UccMethod and new.blocks.method.history == "cuts"
+    assert old.blocks.method.spectral_weight == 0.3 and new.blocks.method.spectral_weight == SPECTRAL_WEIGHT
     assert old.blocks.observes == [True] * 4 + [False, False]
     x = torch.randn(4, 1, 32, 32)
     with torch.inference_mode():
         assert old(x).shape == new(x).shape == (4, 10)
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["method-variable", "default-method"])
+def test_a_0_2_export_scores_with_its_spectral_weight_unless_its_space_set_one(tmp_path, named):
+    dimensions = [KEEP, METHOD] if named else [KEEP]
+    config = {"keep.2": 0.5, "keep.4": 0.25, **({"tokens": "ucc"} if named else {})}
+    assert EARLIER_SPECTRAL_WEIGHT["0.2.0"] == 0.3 != SPECTRAL_WEIGHT
+    old = hwnas.load(write_export(tmp_path / "old", "0.2.0", dimensions, config))
+    assert type(old.blocks.method) is UccMethod and old.blocks.method.spectral_weight == 0.3
+    chosen = {"name": "beta", "transform": "spectral_weight", "values": [0.6]}
+    own = hwnas.load(write_export(tmp_path / "own", "0.2.0", [*dimensions, chosen], {**config, "beta": 0.6}))
+    assert own.blocks.method.spectral_weight == 0.6
+    new = hwnas.load(write_export(tmp_path / "new", hwnas.__version__, dimensions, config))
+    assert new.blocks.method.spectral_weight == SPECTRAL_WEIGHT
 
 
 def test_an_older_export_of_another_method_loads_unchanged(tmp_path):

@@ -6,9 +6,11 @@ import math
 import numpy as np
 import optuna
 import pytest
+import yaml
 from rich.console import Console
 from optuna.trial import TrialState
 
+import hwnas
 from hwnas.errors import BudgetError, HwnasError
 from hwnas.evaluators.pool import Outcome
 from hwnas.search.objectives import Objective
@@ -264,3 +266,25 @@ def test_export_picks_by_predicted_latency_on_absent_hardware(tmp_path):
     assert chosen["config"] == fastest.config
     with pytest.raises(HwnasError, match="--pick energy: the study has no energy_mj"):
         choose_trial(study_dir, None, "energy")
+
+
+@pytest.mark.parametrize("space, reopens", [
+    (SPACE, False),  # token_keep with the default method, ucc: scored with another spectral weight then
+    ({**SPACE, "dimensions": [*SPACE["dimensions"], {"name": "m", "transform": "token_method", "values": ["tome"]}]},
+     True),
+    ({**SPACE, "dimensions": [*SPACE["dimensions"], {"name": "b", "transform": "spectral_weight", "values": [0.3]}]},
+     True),
+], ids=["ucc", "tome", "explicit-weight"])
+def test_a_study_of_an_earlier_ucc_is_not_continued_with_another_score(tmp_path, space, reopens):
+    study_dir = StudyDir.create(tmp_path / "study", space_from_dict(space), RunSettings(trials=4))
+    study_dir.load()
+    saved = yaml.safe_load((study_dir.path / "config.yaml").read_text())
+    assert saved["hwnas_version"] == hwnas.__version__
+    StudyDir.open(study_dir.path)  # the same version always reopens
+    del saved["hwnas_version"]  # as hwnas 0.2.0 wrote it
+    (study_dir.path / "config.yaml").write_text(yaml.safe_dump(saved))
+    if reopens:
+        StudyDir.open(study_dir.path)
+    else:
+        with pytest.raises(HwnasError, match="scored with spectral weight 0.3 .now 0.8."):
+            StudyDir.open(study_dir.path)

@@ -25,7 +25,7 @@ from hwnas.kernels.block_sparse import BlockSparseLinear, BsrWeight
 from hwnas.models.registry import build_arch
 from hwnas.pruning.apply import apply_config, apply_structure
 from hwnas.pruning.block_layers import calibrate_block_sparse
-from hwnas.pruning.token_methods import DEFAULT_TOKEN_METHOD
+from hwnas.pruning.token_methods import DEFAULT_TOKEN_METHOD, EARLIER_SPECTRAL_WEIGHT
 from hwnas.search.objectives import LATENCY_VS_DENSE
 from hwnas.search.study import StudyDir, read_pareto
 from hwnas.spaces import space_from_dict
@@ -133,7 +133,7 @@ def load(path: str | Path) -> nn.Module:
     weights = Path(path) / "model.safetensors"
     if not weights.is_file():
         raise HwnasError(f"{path} is damaged: model.safetensors is missing")
-    space_source, config = _in_current_names(manifest)
+    space_source, config = _as_it_ran(manifest)
     space = space_from_dict(space_source, origin=str(Path(path) / "hwnas.json"))
     model = apply_structure(build_arch(manifest["model"]), space, config)
     try:
@@ -150,12 +150,13 @@ def load(path: str | Path) -> nn.Module:
     return model.eval()
 
 
-def _in_current_names(manifest: dict) -> tuple[dict, dict]:
-    """The export's space and configuration, with each token method named as this hwnas names what ran."""
+def _as_it_ran(manifest: dict) -> tuple[dict, dict]:
+    """The export's space and configuration in this hwnas's terms: each token method named as this hwnas names
+    what ran, and UCC's spectral weight set to the one its version used where the space did not choose one."""
     space, config = copy.deepcopy(manifest["space"]), dict(manifest["config"])
-    renamed = RENAMED_TOKEN_METHODS.get(manifest.get("hwnas_version"), {})
+    version = manifest.get("hwnas_version")
     dimensions = space.get("dimensions") if isinstance(space, dict) else None
-    if not renamed or not isinstance(dimensions, list) or not any(
+    if version not in EARLIER_SPECTRAL_WEIGHT or not isinstance(dimensions, list) or not any(
             isinstance(d, dict) and d.get("transform") == "token_keep" for d in dimensions):
         return space, config
     methods = [d for d in dimensions if isinstance(d, dict) and d.get("transform") == "token_method"]
@@ -163,10 +164,15 @@ def _in_current_names(manifest: dict) -> tuple[dict, dict]:
         methods = [{"name": "token_method", "transform": "token_method", "values": [DEFAULT_TOKEN_METHOD]}]
         dimensions.append(methods[0])
         config["token_method"] = DEFAULT_TOKEN_METHOD
+    renamed = RENAMED_TOKEN_METHODS.get(version, {})
     for dimension in methods:
         dimension["values"] = [renamed.get(v, v) for v in dimension.get("values", [])]
         if dimension.get("name") in config:
             config[dimension["name"]] = renamed.get(config[dimension["name"]], config[dimension["name"]])
+    if not any(isinstance(d, dict) and d.get("transform") == "spectral_weight" for d in dimensions):
+        weight = EARLIER_SPECTRAL_WEIGHT[version]
+        dimensions.append({"name": "spectral_weight", "transform": "spectral_weight", "values": [weight]})
+        config["spectral_weight"] = weight
     return space, config
 
 

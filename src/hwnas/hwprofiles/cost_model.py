@@ -200,6 +200,7 @@ FEATURE_RULES: dict[str, Rule] = {
     "block_size": Rule(_pruned_layers, _kept_blocks),
     "window_ratio": Rule(_target_block, _kept_windows),
     "token_method": Rule(_no_scope, _no_work),  # which tokens are cut, not how many
+    "spectral_weight": Rule(_no_scope, _no_work),
 }
 
 

@@ -1,8 +1,8 @@
 """One call transforms a model: ``apply_config(model, space, config, pruner)`` returns the pruned copy.
 
 Weight transforms (``block_sparsity`` with its ``block_size``) take their pruned weights from a
-``BlockPruner``; structural transforms (``token_keep`` with its ``token_method``, ``window_ratio``) only change
-how the model runs.
+``BlockPruner``; structural transforms (``token_keep`` with its ``token_method`` and ``spectral_weight``,
+``window_ratio``) only change how the model runs.
 ``apply_structure`` applies the structural ones alone: an export's weights already hold the rest.
 """
 
@@ -17,15 +17,16 @@ from torch import nn
 from hwnas.errors import HwnasError
 from hwnas.pruning.block_obs import DEFAULT_LEVELS
 from hwnas.pruning.block_pruner import DEFAULT_BLOCK, BlockPruner, layer_levels
-from hwnas.pruning.token_methods import DEFAULT_TOKEN_METHOD, TOKEN_METHODS
+from hwnas.pruning.token_methods import DEFAULT_TOKEN_METHOD, TOKEN_METHODS, TokenMethod, UccMethod, token_method
 from hwnas.pruning.tokens import apply_token_keep
 from hwnas.pruning.windows import apply_window_ratios
 from hwnas.spaces import Config, Space
 
 WEIGHT_TRANSFORMS = ("block_sparsity", "block_size")
-STRUCTURAL_TRANSFORMS = ("token_keep", "token_method", "window_ratio")
+TOKEN_TRANSFORMS = ("token_keep", "token_method", "spectral_weight")
+STRUCTURAL_TRANSFORMS = (*TOKEN_TRANSFORMS, "window_ratio")
 #: the three sparsity techniques, each with the transforms that make it up
-TECHNIQUES = {"block": WEIGHT_TRANSFORMS, "tokens": ("token_keep", "token_method"), "windows": ("window_ratio",)}
+TECHNIQUES = {"block": WEIGHT_TRANSFORMS, "tokens": TOKEN_TRANSFORMS, "windows": ("window_ratio",)}
 
 
 def apply_config(model: nn.Module, space: Space, config: Config, pruner: BlockPruner | None = None) -> nn.Module:
@@ -73,6 +74,9 @@ def check_space(model: nn.Module, space: Space) -> None:
         if dim.transform == "token_method" and not set(dim.values) <= set(TOKEN_METHODS):
             unknown = sorted(set(map(str, dim.values)) - set(TOKEN_METHODS))[0]
             raise HwnasError(f"{dim.name}: unknown token method '{unknown}' (known: {', '.join(TOKEN_METHODS)})")
+        if dim.transform == "spectral_weight" and not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in dim.values):
+            raise HwnasError(f"{dim.name}: spectral weights must be numbers in [0, 1], got {list(dim.values)}")
         if dim.transform == "block_sparsity" and not all(
                 any(abs(v - level) < 1e-9 for level in DEFAULT_LEVELS) for v in dim.values):
             raise HwnasError(f"{dim.name}: block sparsity levels must come from the grid "
@@ -107,10 +111,27 @@ def _by_transform(space: Space, config: Config) -> dict[str, dict[Any, Any]]:
     return by_transform
 
 
+def uses_default_spectral_weight(space: Space) -> bool:
+    """Whether ``space`` can run a UCC method with the default spectral weight (it sets no ``spectral_weight``)."""
+    transforms = space.transforms()
+    if "token_keep" not in transforms or "spectral_weight" in transforms:
+        return False
+    methods = {v for d in space.dimensions if d.transform == "token_method" for v in d.values} or {DEFAULT_TOKEN_METHOD}
+    return any(issubclass(TOKEN_METHODS[name], UccMethod) for name in methods if name in TOKEN_METHODS)
+
+
+def _token_method(by_transform: dict[str, dict[Any, Any]]) -> TokenMethod:
+    """The configuration's token method (space-level variables), with its spectral weight where it scores with one."""
+    name = by_transform.get("token_method", {}).get(None, DEFAULT_TOKEN_METHOD)
+    weight = by_transform.get("spectral_weight", {}).get(None)
+    if weight is None or not issubclass(TOKEN_METHODS[name], UccMethod):
+        return token_method(name)
+    return token_method(name, spectral_weight=float(weight))
+
+
 def _apply_structural(model: nn.Module, by_transform: dict[str, dict[Any, Any]]) -> nn.Module:
     if "token_keep" in by_transform:
-        method = by_transform.get("token_method", {}).get(None, DEFAULT_TOKEN_METHOD)  # a space-level variable
-        apply_token_keep(model, by_transform["token_keep"], method)
+        apply_token_keep(model, by_transform["token_keep"], _token_method(by_transform))
     if "window_ratio" in by_transform:
         apply_window_ratios(model, by_transform["window_ratio"])
     return model.eval()

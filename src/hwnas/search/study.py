@@ -17,7 +17,10 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
+import hwnas
 from hwnas.errors import HwnasError
+from hwnas.pruning.apply import uses_default_spectral_weight
+from hwnas.pruning.token_methods import EARLIER_SPECTRAL_WEIGHT, SPECTRAL_WEIGHT
 from hwnas.search.objectives import RELATIVE, Budget, Objective, parse_budget, parse_objectives
 from hwnas.search.pareto import Record
 from hwnas.spaces import Space, space_from_dict
@@ -102,8 +105,7 @@ class StudyDir:
             raise HwnasError(f"{path} already holds a study; continue it with --resume {path} or choose another --out")
         path.mkdir(parents=True, exist_ok=True)
         study = cls(path, space, settings)
-        (path / "config.yaml").write_text(yaml.safe_dump(
-            {"space": space.source, "run": asdict(settings)}, sort_keys=False))
+        study.save_settings()
         return study
 
     @classmethod
@@ -118,6 +120,7 @@ class StudyDir:
             space = space_from_dict(saved["space"], origin=str(config_file))
         except (yaml.YAMLError, KeyError, TypeError) as exc:
             raise HwnasError(f"{config_file} is damaged: {exc}") from None
+        _check_same_token_scoring(path, saved.get("hwnas_version"), space)
         return cls(path, space, settings)
 
     @classmethod
@@ -138,7 +141,8 @@ class StudyDir:
 
     def save_settings(self) -> None:
         (self.path / "config.yaml").write_text(yaml.safe_dump(
-            {"space": self.space.source, "run": asdict(self.settings)}, sort_keys=False))
+            {"space": self.space.source, "run": asdict(self.settings), "hwnas_version": hwnas.__version__},
+            sort_keys=False))
 
     @property
     def storage_url(self) -> str:
@@ -160,6 +164,15 @@ class StudyDir:
 
     def baseline(self, study: optuna.Study) -> dict | None:
         return study.user_attrs.get("baseline")
+
+
+def _check_same_token_scoring(path: Path, version: str | None, space: Space) -> None:
+    """Fail unless this hwnas scores the study's tokens as the hwnas that searched it (None: before 0.3.0 said)."""
+    then = EARLIER_SPECTRAL_WEIGHT.get(version or "0.2.0", SPECTRAL_WEIGHT)
+    if then != SPECTRAL_WEIGHT and uses_default_spectral_weight(space):
+        raise HwnasError(f"{path} was searched by hwnas {version or '0.2.0 or earlier'}, whose UCC token method scored "
+                         f"with spectral weight {then} (now {SPECTRAL_WEIGHT}), so its trials would not be reproduced: "
+                         "resume or export it with that version, or search again")
 
 
 def record_of(trial: FrozenTrial) -> Record:

@@ -23,6 +23,9 @@ Schema (see ``src/hwnas/presets/*.yaml`` for complete examples)::
       - name: tokens
         transform: token_method              # optional: ucc (default), ucc-blocks, tome, evit, random
         values: [ucc]
+      - name: beta
+        transform: spectral_weight           # optional: UCC's spectral share of the score (default 0.8)
+        values: [0.5, 0.8]
 
     Targets are a list (variable NAME.TARGET each) or a mapping {label: target} (NAME.LABEL).
     ``block_sparsity`` targets are block indices (all linear layers of that block) or globs
@@ -49,6 +52,7 @@ TRANSFORMS: dict[str, Any] = {
     "block_sparsity": 0.0,   # fraction of b x b weight blocks removed from a linear layer
     "block_size": None,      # b, a space-level choice
     "token_method": None,    # how token_keep cuts tokens: ucc (default), ucc-blocks, tome, evit, random
+    "spectral_weight": None, # β of the ucc/ucc-blocks score: the spectral part's weight in [0, 1]
     "window_ratio": 0.0,     # fraction of Swin windows a block skips
 }
 
