@@ -21,14 +21,15 @@ returns a state with ``keep`` patch tokens; prefix tokens (class, registers) alw
   cycles/patch, and a token's energy is that of its residual — tokens on edges and strokes score
   high, flat background low. Both parts are normalised to sum to one per image and mixed with
   β = ``SPECTRAL_WEIGHT`` = 0.8 (a space can set or search it: the ``spectral_weight``
-  transform). β was chosen on digits DeiTs trained from seeds 1–4, by each model's best
-  schedule at −35 %/−50 % FLOPs (the ``bench tokens`` criterion, 720 held-out images): 0.7, 0.8,
-  0.9 score 5490–5495 correct, attention alone (0) 5420, spectral alone (1) 5479, the earlier
-  0.3 5469, ToMe 5459. On four more seeds (5–8), held out from the choice, 0.8 scores
-  2824 / 2727 at −35 % / −50 % against 2807 / 2715 for 0.3, and beats ToMe (2809 / 2701) on each
-  of the four at both points, where 0.3 loses to it twice at −35 %. Which β is best differs
-  from model to model (on the built-in, trained on an Intel Xeon, 0–1 all score within 6
-  images of each other). Until hwnas 0.2.0, β was 0.3; exports of those versions load with it. The
+  transform). β was chosen on digits DeiTs trained from seeds 1–4 (``benchmarks/token_seeds.py``,
+  ``token-seeds-cpu-xeon-2threads.json``), by each model's best schedule at −35 %/−50 % FLOPs
+  (the ``bench tokens`` criterion, 720 held-out images): 0.7, 0.8, 0.9 score 5490–5495 correct,
+  attention alone (0) 5420, spectral alone (1) 5479, the earlier 0.3 5469, ToMe 5459. On four
+  more seeds (5–8), held out from the choice, 0.8 scores 2824 / 2727 at −35 % / −50 % against
+  2807 / 2715 for 0.3, and beats ToMe (2809 / 2701) on each of the four at both points, where
+  0.3 loses to it twice at −35 %. Which β is best differs from model to model (on the built-in,
+  trained on an Intel Xeon, 0–1 all score within 6 images of each other). Until hwnas 0.2.0, β
+  was 0.3; exports of those versions load with it. The
   best ``keep`` tokens are kept and every pruned token is fused into its most similar kept token
   (cosine of attention keys): a size-weighted mean, and the kept token inherits the pruned one's
   accumulated attention and spectral energy, so the cascade remembers what a fused token absorbed.
