@@ -156,7 +156,8 @@ def _as_it_ran(manifest: dict) -> tuple[dict, dict]:
     space, config = copy.deepcopy(manifest["space"]), dict(manifest["config"])
     version = manifest.get("hwnas_version")
     dimensions = space.get("dimensions") if isinstance(space, dict) else None
-    if version not in EARLIER_SPECTRAL_WEIGHT or not isinstance(dimensions, list) or not any(
+    earlier = version in RENAMED_TOKEN_METHODS or version in EARLIER_SPECTRAL_WEIGHT
+    if not earlier or not isinstance(dimensions, list) or not any(
             isinstance(d, dict) and d.get("transform") == "token_keep" for d in dimensions):
         return space, config
     methods = [d for d in dimensions if isinstance(d, dict) and d.get("transform") == "token_method"]
@@ -169,7 +170,8 @@ def _as_it_ran(manifest: dict) -> tuple[dict, dict]:
         dimension["values"] = [renamed.get(v, v) for v in dimension.get("values", [])]
         if dimension.get("name") in config:
             config[dimension["name"]] = renamed.get(config[dimension["name"]], config[dimension["name"]])
-    if not any(isinstance(d, dict) and d.get("transform") == "spectral_weight" for d in dimensions):
+    if version in EARLIER_SPECTRAL_WEIGHT and not any(
+            isinstance(d, dict) and d.get("transform") == "spectral_weight" for d in dimensions):
         weight = EARLIER_SPECTRAL_WEIGHT[version]
         dimensions.append({"name": "spectral_weight", "transform": "spectral_weight", "values": [weight]})
         config["spectral_weight"] = weight

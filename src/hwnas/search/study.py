@@ -167,7 +167,10 @@ class StudyDir:
 
 
 def _check_same_token_scoring(path: Path, version: str | None, space: Space) -> None:
-    """Fail unless this hwnas scores the study's tokens as the hwnas that searched it (None: before 0.3.0 said)."""
+    """Fail unless this hwnas scores the study's tokens as the hwnas that searched it.
+
+    ``version`` is the one its config.yaml records; None for a study of hwnas 0.2.0 or earlier, which did not.
+    """
     then = EARLIER_SPECTRAL_WEIGHT.get(version or "0.2.0", SPECTRAL_WEIGHT)
     if then != SPECTRAL_WEIGHT and uses_default_spectral_weight(space):
         raise HwnasError(f"{path} was searched by hwnas {version or '0.2.0 or earlier'}, whose UCC token method scored "
