@@ -122,13 +122,16 @@ def test_profile_then_compare_prints_both_columns(tmp_path):
     assert done.returncode == 0, done.stderr
     header = next(line for line in done.stdout.splitlines() if "cpu-measured" in line and "h100" in line)
     assert header.index("cpu-measured") < header.index("h100")
-    assert "predicted vs measured latency (front)" in done.stdout
+    # the measured front's size is up to this machine's timings (dense can dominate 4 trials): the error over it
+    # is reported exactly when it has points, the error over all 4 trials always
+    measured_front = json.loads((out / "cpu-measured" / "pareto.json").read_text())["points"]
+    assert ("predicted vs measured latency (front)" in done.stdout) == bool(measured_front)
     assert "predicted vs measured latency (all trials)" in done.stdout
     data = json.loads((out / "compare.json").read_text())
     here, h100 = data["profiles"]
     assert here["measured"] and not h100["measured"]
-    assert here["prediction_error"]["n"] >= 1 and h100["prediction_error"] is None
-    assert here["prediction_error_all_trials"]["n"] >= here["prediction_error"]["n"]
+    assert (here["prediction_error"] or {"n": 0})["n"] == len(measured_front) and h100["prediction_error"] is None
+    assert here["prediction_error_all_trials"]["n"] == 4
     assert h100["prediction_error_all_trials"] is None
     h100_front = json.loads((out / "h100" / "pareto.json").read_text())
     assert "predicted" in h100_front["device"] and "NVIDIA H100" in h100_front["device"]
