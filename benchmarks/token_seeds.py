@@ -22,8 +22,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from hwnas.bench.record import bench_record, result_row, write_record
-from hwnas.bench.tokens import CUT_SETS, RHOS, TARGETS, TOLERANCE, flops_reduction, schedule
-from hwnas.evaluators.metrics import count_flops, predict_logits
+from hwnas.bench.tokens import TARGETS, schedule_family
+from hwnas.evaluators.metrics import predict_logits
 from hwnas.models.digits import DIGITS_MODELS, RECIPES, checkpoint_path, load_digits_splits, train_model
 from hwnas.pruning.token_methods import TomeMethod, UccMethod
 from hwnas.pruning.tokens import apply_token_keep
@@ -52,25 +52,17 @@ def seeded_model(seed: int, splits) -> VisionTransformer:
 
 def rows_of(seed: int, model, splits) -> list[dict]:
     """One row per schedule of the family and method: right answers on each split, and the accuracy over both."""
-    shape = tuple(splits.test_x.shape[1:])
-    dense = count_flops(model, shape)
     held_out = {"calib": (splits.calib_x, splits.calib_y), "test": (splits.test_x, splits.test_y)}
     rows = []
-    for target in TARGETS:
-        for cuts in CUT_SETS:
-            for rho in RHOS:
-                keep = schedule(len(model.blocks), cuts, rho)
-                if abs(flops_reduction(model, keep, shape, dense) - target) > TOLERANCE:
-                    continue
-                for (impl, weight), make in METHODS.items():
-                    pruned = apply_token_keep(copy.deepcopy(model), keep, make())
-                    right = {f"correct_{split}": int((predict_logits(pruned, x).argmax(1) == y).sum())
-                             for split, (x, y) in held_out.items()}
-                    case = {"model": "digits-deit", "seed": seed, "flops_reduction": target,
-                            "schedule": f"keep {rho} at {list(cuts)}",
-                            **({} if weight is None else {"spectral_weight": weight})}
-                    accuracy = sum(right.values()) / sum(len(y) for _, y in held_out.values())
-                    rows.append(result_row(case, impl, None, {**right, "accuracy": accuracy}))
+    for target, cuts, rho, keep, _ in schedule_family(model, tuple(splits.test_x.shape[1:])):
+        for (impl, weight), make in METHODS.items():
+            pruned = apply_token_keep(copy.deepcopy(model), keep, make())
+            right = {f"correct_{split}": int((predict_logits(pruned, x).argmax(1) == y).sum())
+                     for split, (x, y) in held_out.items()}
+            case = {"model": "digits-deit", "seed": seed, "flops_reduction": target,
+                    "schedule": f"keep {rho} at {list(cuts)}", **({} if weight is None else {"spectral_weight": weight})}
+            accuracy = sum(right.values()) / sum(len(y) for _, y in held_out.values())
+            rows.append(result_row(case, impl, None, {**right, "accuracy": accuracy}))
     return rows
 
 

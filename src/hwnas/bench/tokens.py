@@ -90,6 +90,18 @@ def schedule_for_flops(model: nn.Module, cuts, target: float, input_shape: tuple
     return keep, flops_reduction(model, keep, input_shape, dense)
 
 
+def schedule_family(model: nn.Module, input_shape: tuple[int, ...], targets=TARGETS, cut_sets=CUT_SETS):
+    """Every schedule of the family within ``TOLERANCE`` of a target reduction: (target, cuts, ρ, keep, reduction)."""
+    dense_flops = count_flops(model, input_shape)
+    for target in targets:
+        for cuts in cut_sets:
+            for rho in RHOS:
+                keep = schedule(len(model.blocks), cuts, rho)
+                reduction = flops_reduction(model, keep, input_shape, dense_flops)
+                if abs(reduction - target) <= TOLERANCE:
+                    yield target, cuts, rho, keep, reduction
+
+
 def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     return accuracy_rows(device, quick) + latency_rows(device, quick)
 
@@ -99,26 +111,21 @@ def accuracy_rows(device: str = "cpu", quick: bool = False) -> list[dict]:
     data = load_digits_splits()
     images, labels = torch.cat([data.test_x, data.calib_x]), torch.cat([data.test_y, data.calib_y])
     input_shape = tuple(images.shape[1:])
-    dense_flops = count_flops(model, input_shape)
     dense_logits = predict_logits(copy.deepcopy(model).to(device), images)
     dense = {"accuracy": accuracy(dense_logits, labels), "fidelity_kl": 0.0}
     methods: dict[str, TokenMethod] = {impl: token_method(name) for impl, name in METHODS.items()}
     methods.update({impl: UccMethod(**options) for impl, options in ABLATIONS.items()})
     rows = []
-    for target in TARGETS[:1] if quick else TARGETS:
-        for cuts in CUT_SETS[-2:] if quick else CUT_SETS:
-            for rho in RHOS:
-                keep = schedule(len(model.blocks), cuts, rho)
-                reduction = flops_reduction(model, keep, input_shape, dense_flops)
-                if abs(reduction - target) > TOLERANCE:
-                    continue
-                case = {"model": DIGITS_MODEL, "flops_reduction": target, "measured_flops_reduction": round(reduction, 4),
-                        "schedule": f"keep {rho} at {list(cuts)}", "images": len(images)}
-                rows.append(result_row(case, "dense", None, dense))
-                for impl, method in methods.items():
-                    logits = predict_logits(apply_token_keep(copy.deepcopy(model), keep, method).to(device), images)
-                    rows.append(result_row(case, impl, None, {"accuracy": accuracy(logits, labels),
-                                                              "fidelity_kl": fidelity_kl(dense_logits, logits)}))
+    family = schedule_family(model, input_shape, TARGETS[:1] if quick else TARGETS,
+                             CUT_SETS[-2:] if quick else CUT_SETS)
+    for target, cuts, rho, keep, reduction in family:
+        case = {"model": DIGITS_MODEL, "flops_reduction": target, "measured_flops_reduction": round(reduction, 4),
+                "schedule": f"keep {rho} at {list(cuts)}", "images": len(images)}
+        rows.append(result_row(case, "dense", None, dense))
+        for impl, method in methods.items():
+            logits = predict_logits(apply_token_keep(copy.deepcopy(model), keep, method).to(device), images)
+            rows.append(result_row(case, impl, None, {"accuracy": accuracy(logits, labels),
+                                                      "fidelity_kl": fidelity_kl(dense_logits, logits)}))
     return rows
 
 
