@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +19,9 @@ from hwnas.hwprofiles.measure_profile import measure_profile
 from hwnas.hwprofiles.predictor import Predictor, op_table, trace_ops
 from hwnas.hwprofiles.profile import CostPoint, load_profile, profile_from_dict, shipped_profiles, write_profile
 from hwnas.kernels.block_sparse import BlockSparseLinear
+from hwnas.kernels.class_attention import _scaled_identity
+from hwnas.pruning.token_methods import low_pass_basis
+from hwnas.pruning.tokens import apply_token_keep
 
 SEARCH = [sys.executable, "-m", "hwnas"]
 
@@ -74,6 +78,43 @@ def test_block_sparse_layers_cost_their_kept_blocks_or_the_faster_dense_path(kin
                                                    block_sparse_efficiency=0.1)), "float32")
     assert slow_sparse.predict(sparse, x)["latency_ms_predicted"] == pytest.approx(
         slow_sparse.predict(linear, x)["latency_ms_predicted"])  # the layer calibrates onto dense
+
+
+@pytest.fixture(scope="module")
+def ucc_vit() -> nn.Module:
+    """A 16-patch ViT whose UCC cut at block 1 runs every token kernel (gather, fused scatter-add, ranking,
+    class attention) and its cached spectral basis."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=3,
+                              num_classes=4).eval()
+    return apply_token_keep(model, {1: 0.5}, "ucc")
+
+
+KERNELS = {"gather_rows", "scatter_add_rows_", "descending_order", "class_attention"}
+
+
+def test_a_gpu_trace_counts_each_token_kernel_as_one_launch(ucc_vit):
+    x = torch.zeros(2, 3, 32, 32)
+    on_gpu = [op.name for op in trace_ops(ucc_vit, x, one_launch_kernels=True)]
+    on_cpu = [op.name for op in trace_ops(ucc_vit, x)]
+    assert KERNELS <= set(on_gpu) and not KERNELS & set(on_cpu)
+    # the CPU path's index checks and copies run inside them: on the GPU they are one Triton launch
+    assert {"index_select", "index_add_", "aminmax"} <= set(on_cpu)
+    assert not {"index_select", "index_add_", "aminmax"} & set(on_gpu)
+    assert on_gpu.count("gather_rows") == 2 and len(on_gpu) < len(on_cpu)
+    cuda, cpu = (Predictor(profile_from_dict(spec(kind=kind)), "float32") for kind in ("cuda", "cpu"))
+    assert cuda.predict(ucc_vit, x)["latency_ms_predicted"] < cpu.predict(ucc_vit, x)["latency_ms_predicted"]
+
+
+@pytest.mark.parametrize("kind", ["cuda", "cpu"])
+def test_a_prediction_does_not_price_work_done_once_and_cached(ucc_vit, kind):
+    """The spectral basis (and the CPU class attention's scaled identity) are built on the first call only."""
+    predictor = Predictor(profile_from_dict(spec(kind=kind)), "float32")
+    x = torch.zeros(2, 3, 32, 32)
+    low_pass_basis.cache_clear()
+    _scaled_identity.cache_clear()
+    first = predictor.predict(ucc_vit, x)
+    assert low_pass_basis.cache_info().currsize == 1  # built inside the trace
+    assert predictor.predict(ucc_vit, x) == first
 
 
 class SelfAttention(nn.Module):

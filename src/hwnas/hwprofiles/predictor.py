@@ -11,14 +11,19 @@ dtype. Each operator then costs the profile's launch overhead plus
 where a measured profile interpolates its cost tables by size and a spec profile uses peak ×
 efficiency (FLOPs) or its memory bandwidth (bytes). A block-sparse layer is one operator of its
 kept FLOPs at the profile's block-sparse efficiency, or the dense GEMM where that is faster: on
-the CPU and on CUDA the runtime picks the faster path by measurement. Energy is predicted as
+the CPU and on CUDA the runtime picks the faster path by measurement. For a GPU profile, each
+kernel function that runs as one Triton launch on CUDA (token gather/scatter, ranking, class
+attention: ``hwnas.kernels.launches``) is one operator of the bytes it is handed, not the
+several operators its CPU path runs; one-time setup (cached bases) is never priced. Energy is predicted as
 time × power (``idle`` + ``active`` share where both are known, else TDP: an upper bound).
 Values are always named ``*_predicted``.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -30,6 +35,7 @@ from torch.utils.flop_counter import flop_registry
 from hwnas.errors import HwnasError
 from hwnas.hwprofiles.profile import CostPoint, HardwareProfile, profile_from_dict
 from hwnas.kernels.block_sparse import BlockSparseLinear
+from hwnas.kernels.launches import traced_by
 
 #: transcendental and normalising operators, priced by the activation table (slower per byte than an add)
 _ACTIVATIONS = {"gelu", "silu", "sigmoid", "tanh", "exp", "erf", "softmax", "_softmax", "log_softmax",
@@ -52,10 +58,13 @@ class Op:
 
 
 class _OpTrace(TorchDispatchMode):
-    def __init__(self):
+    """Records the operators a forward executes; a ``LaunchTracer`` of ``hwnas.kernels.launches`` too."""
+
+    def __init__(self, one_launch_kernels: bool):
         super().__init__()
         self.ops: list[Op] = []
         self.inside_leaf = 0
+        self.one_launch_kernels = one_launch_kernels
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -70,15 +79,44 @@ class _OpTrace(TorchDispatchMode):
         if self.inside_leaf or name in _FREE:
             return out
         flops = float(formula(*args, **kwargs, out_val=out)) if formula else 0.0
-        tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
-        self.ops.append(Op(name, flops, float(sum(t.numel() * t.element_size() for t in tensors))))
+        self.ops.append(Op(name, flops, _bytes((args, kwargs, out))))
         return out
+
+    @contextlib.contextmanager
+    def unrecorded(self) -> Iterator[None]:
+        """Run operators without recording them (inside a leaf: a kernel priced as one op, or setup work)."""
+        self.inside_leaf += 1
+        try:
+            yield
+        finally:
+            self.inside_leaf -= 1
+
+    def one_launch(self, name: str, run, args: tuple, kwargs: dict):
+        if not self.one_launch_kernels or self.inside_leaf:
+            return run()
+        with self.unrecorded():
+            out = run()
+        self.ops.append(Op(name, 0.0, _bytes((args, kwargs, out))))
+        return out
+
+    def setup_work(self, run):
+        with self.unrecorded():
+            return run()
+
+
+def _bytes(values) -> float:
+    """The bytes of every tensor in ``values`` (nested args, kwargs, outputs)."""
+    return float(sum(t.numel() * t.element_size() for t in tree_flatten(values)[0] if isinstance(t, torch.Tensor)))
 
 
 @torch.inference_mode()
-def trace_ops(model: nn.Module, x: torch.Tensor) -> list[Op]:
-    """The operators one forward pass of ``model`` on ``x`` executes (block-sparse layers as one op each)."""
-    trace = _OpTrace()
+def trace_ops(model: nn.Module, x: torch.Tensor, one_launch_kernels: bool = False) -> list[Op]:
+    """The operators one forward pass of ``model`` on ``x`` executes (block-sparse layers as one op each).
+
+    With ``one_launch_kernels`` (pricing a GPU) each kernel function that is one launch on CUDA
+    (``hwnas.kernels.launches``) is one op, not the operators of its CPU path.
+    """
+    trace = _OpTrace(one_launch_kernels)
     hooks = []
 
     def enter(module, inputs):
@@ -97,7 +135,7 @@ def trace_ops(model: nn.Module, x: torch.Tensor) -> list[Op]:
         if isinstance(module, BlockSparseLinear):
             hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
     try:
-        with trace:
+        with trace, traced_by(trace):
             model(x)
     finally:
         for hook in hooks:
@@ -133,7 +171,8 @@ class Predictor:
     def predict(self, model: nn.Module, x: torch.Tensor) -> dict[str, float]:
         """Predicted latency of the batch ``x`` in ms, and energy per image in mJ where the profile has power
         (``model`` and ``x`` on the CPU; bytes are rescaled from their dtype to the predicted one)."""
-        seconds = sum(self.op_seconds(op, x.element_size()) for op in trace_ops(model, x))
+        ops = trace_ops(model, x, one_launch_kernels=self.profile.kind == "cuda")
+        seconds = sum(self.op_seconds(op, x.element_size()) for op in ops)
         metrics = {"latency_ms_predicted": seconds * 1e3}
         power = self.profile.power_w
         watts = power.get("active", power.get("tdp"))

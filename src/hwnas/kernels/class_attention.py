@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from hwnas.kernels.gather_scatter import should_use_triton
+from hwnas.kernels.launches import one_launch, setup_work
 
 try:
     import triton
@@ -65,6 +66,7 @@ if triton is not None:
         tl.atomic_add(out_ptr + b * stride_ob + offs_t - skip, share, mask=in_t & (offs_t >= skip))
 
 
+@one_launch
 def class_attention(
     q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None, use_triton: bool | None = None,
     *, skip: int = 0, out: Tensor | None = None,
@@ -129,6 +131,7 @@ def _class_attention_torch(q: Tensor, k: Tensor, scale: float, bias: Tensor | No
 
 
 @functools.lru_cache(maxsize=16)
+@setup_work
 def _scaled_identity(size: int, scale: float, dtype: torch.dtype, device: str) -> Tensor:
     with torch.inference_mode(False), torch.no_grad():  # cached: usable in and out of inference mode
         return torch.eye(size, dtype=dtype, device=device).mul_(scale)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from hwnas.kernels.gather_scatter import should_use_triton
+from hwnas.kernels.launches import one_launch
 
 try:
     import triton
@@ -54,6 +55,7 @@ if triton is not None:
             tl.store(order_ptr + b * N + position, offs_i.to(tl.int64), mask=in_i)
 
 
+@one_launch
 def descending_order(scores: Tensor, use_triton: bool | None = None) -> Tensor:
     """Per row of ``scores [B, N]``, the indices from the highest score to the lowest: ``[B, N]`` int64.
 

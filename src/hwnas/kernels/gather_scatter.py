@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from hwnas.kernels.block_sparse import triton_available
+from hwnas.kernels.launches import one_launch
 
 try:
     import triton
@@ -173,6 +174,7 @@ def _index_into_(x: Tensor, rows: Tensor, values: Tensor, accumulate: bool) -> T
     return x if target is x else x.copy_(target)
 
 
+@one_launch
 def gather_rows(x: Tensor, rows: Tensor, use_triton: bool | None = None) -> Tensor:
     """``out[b, r, :] = x[b, rows[b, r], :]``: a new contiguous ``[B, R, C]`` tensor."""
     _check(x, rows)
@@ -184,6 +186,7 @@ def gather_rows(x: Tensor, rows: Tensor, use_triton: bool | None = None) -> Tens
     return out
 
 
+@one_launch
 def scatter_rows_(x: Tensor, rows: Tensor, values: Tensor, use_triton: bool | None = None) -> Tensor:
     """In place ``x[b, rows[b, r], :] = values[b, r, :]``; returns ``x``. Rows of one image must be distinct."""
     _check(x, rows, values)
@@ -193,6 +196,7 @@ def scatter_rows_(x: Tensor, rows: Tensor, values: Tensor, use_triton: bool | No
     return _index_into_(x, rows, values, accumulate=False)
 
 
+@one_launch
 def scatter_add_rows_(
     x: Tensor, rows: Tensor, values: Tensor, weights: Tensor | None = None, use_triton: bool | None = None
 ) -> Tensor:

@@ -70,6 +70,7 @@ from torch import Tensor
 from hwnas.errors import HwnasError
 from hwnas.kernels.descending_order import descending_order
 from hwnas.kernels.gather_scatter import gather_rows, scatter_add_rows_
+from hwnas.kernels.launches import setup_work
 
 #: β: the weight of the spectral score against the accumulated attention (see the module docstring)
 SPECTRAL_WEIGHT = 0.8
@@ -277,6 +278,7 @@ def spectral_energy(patches: Tensor, grid: tuple[int, int]) -> Tensor:
 
 
 @functools.lru_cache(maxsize=16)
+@setup_work
 def low_pass_basis(height: int, width: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
     """An orthonormal basis [P, r] (P = H·W) of the grid signals that have only low frequencies.
 
