@@ -106,6 +106,7 @@ def test_identity_stays_unpruned_when_the_grid_lacks_it():
           ("threads: 0", r"measure.threads: expected an integer >= 1"),
           ("dtype: float8", r"measure.dtype: expected one of float32, float16, bfloat16, got 'float8'"),
           ("versus_dense: maybe", r"measure.versus_dense: expected true or false"),
+          ("cuda_graph: 1", r"measure.cuda_graph: expected true or false, got 1"),
       ]],
 ])
 def test_yaml_errors_name_file_and_key(tmp_path, text, message):

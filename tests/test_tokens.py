@@ -9,7 +9,8 @@ import torch
 
 from hwnas.errors import HwnasError
 from hwnas.pruning.token_methods import (LOW_PASS_RADIUS, TOKEN_METHODS, EvitMethod, RandomMethod, TokenState, TomeMethod,
-                                         UccMethod, low_pass_basis, spectral_energy, token_method)
+                                         UccMethod, _random_rows, low_pass_basis, spectral_energy,
+                                         token_method)
 from hwnas.pruning.tokens import apply_token_keep, keep_counts, observed_block
 
 
@@ -261,9 +262,17 @@ def test_evit_fuses_the_inattentive_tokens_into_one():
 
 
 def test_random_is_reproducible():
-    patches = torch.randn(2, 16, 4)
-    first, second = (RandomMethod().reduce(_state(patches), keep=5).patches for _ in range(2))
-    assert torch.equal(first, second) and first.shape == (2, 5, 4)
+    """The draw is a function of the shapes: drawn afresh or found cached, the same tokens, in order."""
+    patches = torch.arange(2 * 16 * 4, dtype=torch.float32).reshape(2, 16, 4)
+    _random_rows.cache_clear()
+    first = RandomMethod().reduce(_state(patches), keep=5).patches
+    cached = RandomMethod().reduce(_state(patches), keep=5).patches
+    _random_rows.cache_clear()
+    again = RandomMethod().reduce(_state(patches), keep=5).patches
+    assert torch.equal(first, cached) and torch.equal(first, again) and first.shape == (2, 5, 4)
+    rows = first[..., 0] / 4 - torch.arange(2)[:, None] * 16  # each kept token's index in its image
+    assert all(r.unique().numel() == 5 and torch.equal(r, r.sort().values) for r in rows)
+    assert not torch.equal(rows[0], rows[1])  # each image draws its own
 
 
 @pytest.mark.parametrize("method", ["ucc", "tome"])

@@ -13,7 +13,7 @@ from hwnas.evaluators.data import load_eval_data
 from hwnas.evaluators.metrics import accuracy, count_flops, count_params, fidelity_kl, predict_logits
 from hwnas.hwprofiles.allocator import allocator_setting
 from hwnas.hwprofiles.energy import measure_energy
-from hwnas.hwprofiles.latency import device_name, measure, measure_side_by_side, paired_ratio
+from hwnas.hwprofiles.latency import cuda_graph_replay, device_name, measure, measure_side_by_side, paired_ratio
 from hwnas.hwprofiles.predictor import predictor_for
 from hwnas.hwprofiles.profile import is_this_machine
 from hwnas.models.registry import load_model
@@ -23,7 +23,7 @@ from hwnas.pruning.block_pruner import BlockPruner
 from hwnas.spaces import Config, Space
 
 DEFAULT_MEASURE = {"batch_size": 64, "warmup": 3, "repeats": 15, "threads": None, "dtype": "float32",
-                   "versus_dense": False}
+                   "versus_dense": False, "cuda_graph": True}
 
 
 class Evaluator:
@@ -35,7 +35,9 @@ class Evaluator:
     machine's profile knows its idle power, ``energy_mj_above_idle``). With the measure setting
     ``versus_dense`` each candidate is timed side by side with the dense model (interleaved
     rounds) and ``latency_ms_vs_dense`` is the median of the per-round ratios, which a machine
-    whose speed drifts between trials does not move.
+    whose speed drifts between trials does not move. On CUDA a candidate is captured once into a
+    CUDA graph and the graph's replay is timed and metered (DESIGN's protocol: the GPU's time, not
+    Python's launch overhead; a candidate's shapes are static); ``cuda_graph: false`` times eagerly.
 
     With a hardware profile (a mapping, see ``hwprofiles.profile``) it also predicts
     ``latency_ms_predicted``/``energy_mj_predicted`` on that hardware; when the profile is not this
@@ -66,6 +68,8 @@ class Evaluator:
         info = {"device": device_name(self.device), "batch_size": int(self.settings["batch_size"]),
                 "dtype": self.settings["dtype"], "threads": torch.get_num_threads(),
                 "allocator": allocator_setting()}
+        if self.device.type == "cuda":
+            info["timing"] = "cuda graph replay" if self.settings["cuda_graph"] else "eager"
         if self.profile is not None:
             info["hwprofile"] = {"name": self.profile.name, "device": self.profile.device,
                                  "source": self.profile.source, "dtype": self.predictor.dtype}
@@ -125,11 +129,19 @@ class Evaluator:
         """One inference of the latency batch by ``model``, moved (in place) to the measuring device and dtype.
 
         Each block-sparse layer first picks its fastest path on that batch, as a deployed model does.
+        On CUDA (unless ``cuda_graph: false``) the call is the replay of a CUDA graph captured from it.
         """
         model = model.to(self.device, self.dtype).eval()
         x = self.latency_input.to(self.device, self.dtype)
         calibrate_block_sparse(model, x)
-        return functools.partial(model, x)
+        call = functools.partial(model, x)
+        if self.device.type != "cuda" or not self.settings["cuda_graph"]:
+            return call
+        try:
+            return cuda_graph_replay(call, self.device)
+        except RuntimeError as exc:
+            raise HwnasError(f"{type(model).__name__} cannot be captured in a CUDA graph ({str(exc).splitlines()[0]}); "
+                             "set measure.cuda_graph: false in the space to time it eagerly") from None
 
     def _dense_call(self) -> Callable[[], object]:
         """The unpruned model's ``timed_call`` (on a copy, made once): the reference of ``versus_dense``."""

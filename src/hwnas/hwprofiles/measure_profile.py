@@ -12,7 +12,8 @@ Besides: the per-operator overhead (a tiny ViT at batch 1, whose operators are a
 cost anything else: its time over its operator count), the block-sparse efficiency (the best
 sparse path of a 75 %-sparse 768→3072 layer, block 32, relative to the GEMM rate at its kept
 FLOPs), and power: idle from NVML (GPU) or RAPL (CPU) over one second where readable, and the
-GPU's power limit as TDP. Timings are medians after warm-up (``hwprofiles.latency.measure``).
+GPU's power limit as TDP. Timings are medians after warm-up (``hwprofiles.latency.measure``); on
+a GPU each is of a CUDA graph's replay, as the evaluator times candidates.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def measure_profile(device: str = "cpu", name: str | None = None, quick: bool = 
 
 
 def _seconds(fn, device: torch.device, repeats: int) -> float:
-    return measure(fn, device, warmup=2, repeats=repeats).median_ms / 1e3
+    return measure(fn, device, warmup=2, repeats=repeats, cuda_graph=True).median_ms / 1e3
 
 
 def _tables(device: torch.device, dtype: torch.dtype, rows: tuple[int, ...], repeats: int,
@@ -118,7 +119,7 @@ def _operator_overhead_us(device: torch.device, repeats: int) -> float:
     x = torch.randn(1, 3, 16, 16, device=device)
     operators = len(trace_ops(model.cpu(), x.cpu()))
     model = model.to(device)
-    return measure(lambda: model(x), device, warmup=20, repeats=30 * repeats).median_ms * 1e3 / operators
+    return measure(lambda: model(x), device, warmup=20, repeats=30 * repeats, cuda_graph=True).median_ms * 1e3 / operators
 
 
 def _block_sparse_efficiency(device: torch.device, dtype: torch.dtype, gemm: list[CostPoint], repeats: int) -> float:

@@ -50,7 +50,7 @@ returns a state with ``keep`` patch tokens; prefix tokens (class, registers) alw
   proportional attention.
 * ``evit``: EViT: keep the ``keep - 1`` tokens the class token attends to most (previous block)
   and fuse the rest into one token, weighted by that attention. No size bias (as in EViT).
-* ``random``: keep ``keep`` tokens drawn at random (a fixed seed per forward, so reproducible).
+* ``random``: keep ``keep`` tokens drawn at random (a fixed seed per shape, drawn once: reproducible).
 
 The gather of kept tokens and the weighted scatter-add of fused ones run on the Triton kernels
 of ``hwnas.kernels.gather_scatter`` on CUDA (torch indexing on the CPU and under autograd), and so
@@ -241,10 +241,19 @@ class RandomMethod(TokenMethod):
 
     def reduce(self, state: TokenState, keep: int) -> TokenState:
         patches = state.patches
-        generator = torch.Generator(device=patches.device).manual_seed(self.SEED + patches.shape[1])
-        draw = torch.rand(patches.shape[:2], generator=generator, device=patches.device)
-        kept = draw.topk(keep, dim=1).indices.sort(dim=1).values
+        kept = _random_rows(*patches.shape[:2], keep, self.SEED, str(patches.device))
         return state.with_patches(gather_rows(patches, kept, self.use_triton))
+
+
+@functools.lru_cache(maxsize=16)
+@setup_work
+def _random_rows(batch: int, tokens: int, keep: int, seed: int, device: str) -> Tensor:
+    """``keep`` of ``tokens`` rows per image [B, keep], in order, drawn with ``seed + tokens``: a function of the
+    shapes, so it is drawn once (a CUDA graph's capture then finds it made)."""
+    with torch.inference_mode(False), torch.no_grad():  # cached: usable in and out of inference mode
+        generator = torch.Generator(device=device).manual_seed(seed + tokens)
+        draw = torch.rand(batch, tokens, generator=generator, device=device)
+        return draw.topk(keep, dim=1).indices.sort(dim=1).values
 
 
 TOKEN_METHODS: dict[str, type[TokenMethod]] = {m.name: m for m in (UccMethod, UccEveryBlockMethod, TomeMethod,

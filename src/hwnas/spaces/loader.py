@@ -58,7 +58,7 @@ TRANSFORMS: dict[str, Any] = {
 
 _TOP_KEYS = {"name", "description", "model", "data", "measure", "dimensions"}
 _DIM_KEYS = {"name", "transform", "targets", "values", "order", "stages"}
-_MEASURE_KEYS = {"batch_size", "warmup", "repeats", "threads", "dtype", "versus_dense"}
+_MEASURE_KEYS = {"batch_size", "warmup", "repeats", "threads", "dtype", "versus_dense", "cuda_graph"}
 _MEASURE_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -72,8 +72,9 @@ def _check_measure(measure: dict, fail) -> None:
             raise fail(f"measure.{key}", f"expected an integer >= {least}, got {value!r}")
     if "dtype" in measure and measure["dtype"] not in _MEASURE_DTYPES:
         raise fail("measure.dtype", f"expected one of {', '.join(_MEASURE_DTYPES)}, got {measure['dtype']!r}")
-    if "versus_dense" in measure and not isinstance(measure["versus_dense"], bool):
-        raise fail("measure.versus_dense", f"expected true or false, got {measure['versus_dense']!r}")
+    for key in ("versus_dense", "cuda_graph"):
+        if key in measure and not isinstance(measure[key], bool):
+            raise fail(f"measure.{key}", f"expected true or false, got {measure[key]!r}")
 
 
 def preset_names() -> list[str]:
