@@ -10,7 +10,7 @@ import safetensors.torch
 import torch
 
 import hwnas
-from hwnas.export.exporter import FORMAT, RENAMED_TOKEN_METHODS
+from hwnas.export.exporter import FORMAT, RENAMED_TOKEN_METHODS, _as_it_ran
 from hwnas.export.remeasure import remeasure
 from hwnas.models.registry import build_arch
 from hwnas.pruning.token_methods import EARLIER_SPECTRAL_WEIGHT, SPECTRAL_WEIGHT, UccEveryBlockMethod, UccMethod
@@ -69,6 +69,11 @@ def test_an_older_export_of_another_method_loads_unchanged(tmp_path):
     config = {"keep.2": 0.5, "keep.4": 0.25, "tokens": "tome"}
     old = hwnas.load(write_export(tmp_path / "old", "0.1.0", [KEEP, METHOD], config))
     assert old.blocks.method.name == "tome"
+    tome_only = {**METHOD, "values": ["tome"]}
+    manifest = {"hwnas_version": "0.2.0", "space": {"name": "t", "model": {"name": "digits-deit"},
+                                                    "dimensions": [KEEP, tome_only]}, "config": config}
+    space, _ = _as_it_ran(manifest, "hwnas.json")  # no UCC can run: no spectral weight to restore
+    assert [d["transform"] for d in space["dimensions"]] == ["token_keep", "token_method"]
 
 
 def test_eval_times_the_export_beside_its_dense_model(tmp_path):

@@ -23,7 +23,7 @@ from hwnas.errors import HwnasError
 from hwnas.evaluators.evaluator import Evaluator
 from hwnas.kernels.block_sparse import BlockSparseLinear, BsrWeight
 from hwnas.models.registry import build_arch
-from hwnas.pruning.apply import apply_config, apply_structure
+from hwnas.pruning.apply import apply_config, apply_structure, uses_default_spectral_weight
 from hwnas.pruning.block_layers import calibrate_block_sparse
 from hwnas.pruning.token_methods import DEFAULT_TOKEN_METHOD, EARLIER_SPECTRAL_WEIGHT
 from hwnas.search.objectives import LATENCY_VS_DENSE
@@ -133,8 +133,9 @@ def load(path: str | Path) -> nn.Module:
     weights = Path(path) / "model.safetensors"
     if not weights.is_file():
         raise HwnasError(f"{path} is damaged: model.safetensors is missing")
-    space_source, config = _as_it_ran(manifest)
-    space = space_from_dict(space_source, origin=str(Path(path) / "hwnas.json"))
+    origin = str(Path(path) / "hwnas.json")
+    space_source, config = _as_it_ran(manifest, origin)
+    space = space_from_dict(space_source, origin=origin)
     model = apply_structure(build_arch(manifest["model"]), space, config)
     try:
         state = safetensors.torch.load_file(str(weights))
@@ -150,7 +151,7 @@ def load(path: str | Path) -> nn.Module:
     return model.eval()
 
 
-def _as_it_ran(manifest: dict) -> tuple[dict, dict]:
+def _as_it_ran(manifest: dict, origin: str) -> tuple[dict, dict]:
     """The export's space and configuration in this hwnas's terms: each token method named as this hwnas names
     what ran, and UCC's spectral weight set to the one its version used where the space did not choose one."""
     space, config = copy.deepcopy(manifest["space"]), dict(manifest["config"])
@@ -170,8 +171,7 @@ def _as_it_ran(manifest: dict) -> tuple[dict, dict]:
         dimension["values"] = [renamed.get(v, v) for v in dimension.get("values", [])]
         if dimension.get("name") in config:
             config[dimension["name"]] = renamed.get(config[dimension["name"]], config[dimension["name"]])
-    if version in EARLIER_SPECTRAL_WEIGHT and not any(
-            isinstance(d, dict) and d.get("transform") == "spectral_weight" for d in dimensions):
+    if version in EARLIER_SPECTRAL_WEIGHT and uses_default_spectral_weight(space_from_dict(space, origin=origin)):
         weight = EARLIER_SPECTRAL_WEIGHT[version]
         dimensions.append({"name": "spectral_weight", "transform": "spectral_weight", "values": [weight]})
         config["spectral_weight"] = weight
