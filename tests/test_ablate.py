@@ -4,11 +4,12 @@ import json
 import subprocess
 import sys
 
+import matplotlib.image
 import pytest
 
 from hwnas.bench.joint import summary
 from hwnas.errors import HwnasError
-from hwnas.search.ablate import Ablation, AblationPoint, _mark_fronts, technique_sources
+from hwnas.search.ablate import Ablation, AblationPoint, _mark_fronts, plot_ablation, technique_sources
 from hwnas.spaces import load_space
 
 SEARCH = [sys.executable, "-m", "hwnas"]
@@ -48,6 +49,16 @@ def test_a_joint_point_no_union_point_matches_is_beyond_the_union():
     volumes = dict(zip(cells["space"], cells["hypervolume"]))
     assert volumes == {name: f"{ablation.hypervolume[name]:.4f}" for name in ("block", "tokens", "union", "joint")}
     assert dict(zip(cells["space"], cells["joint points beyond the union"]))["joint"] == "1"
+
+
+@pytest.mark.parametrize("lowest, panels", [(0.97, 1), (0.90, 2)])
+def test_the_plot_zooms_on_the_points_near_dense_when_a_front_reaches_far_below(tmp_path, lowest, panels):
+    made_up = [("dense", 0.98, 50.0), ("block", lowest, 40.0), ("tokens", 0.975, 30.0), ("joint", 0.978, 28.0)]
+    points = [AblationPoint(space, i, {"x": i}, accuracy, 1.0, [latency]) for i, (space, accuracy, latency)
+              in enumerate(made_up)]
+    path = plot_ablation(_mark_fronts(points, ["block", "tokens", "joint"]), tmp_path / "fronts.png")
+    height, width, _ = matplotlib.image.imread(path).shape
+    assert width / height == pytest.approx((12 if panels == 2 else 6.8) / 4.4, rel=0.02)
 
 
 def test_search_ablate_writes_each_study_and_the_comparison(tmp_path):

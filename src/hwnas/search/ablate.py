@@ -38,6 +38,8 @@ from hwnas.spaces import Space, config_hash, load_space
 OBJECTIVE_NAMES = "accuracy,latency"
 OBJECTIVES = parse_objectives(OBJECTIVE_NAMES)
 JOINT, UNION, DENSE = "joint", "union", "dense"
+#: the plot's second panel shows accuracies this many points below dense (where a deployable point lies)
+ZOOM_POINTS = 3.0
 
 
 @dataclass
@@ -242,13 +244,30 @@ def write_ablation(out: str | Path, ablation: Ablation, device: str = "cpu") -> 
 
 
 def plot_ablation(ablation: Ablation, path: Path) -> Path:
-    """Each technique's front, their union and the joint front, accuracy against latency."""
+    """Each technique's front, their union and the joint front, accuracy against latency; where a front
+    reaches far below dense accuracy, a second panel zooms on the ``ZOOM_POINTS`` below it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.8, 4.4))
+    dense = 100 * ablation.dense.accuracy
+    accuracies = [100 * p.accuracy for space in (*ablation.techniques, JOINT) for p in ablation.front(space)]
+    zoom = bool(accuracies) and min(accuracies) < dense - ZOOM_POINTS
+    fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(12, 4.4) if zoom else (6.8, 4.4), squeeze=False)
+    for ax in axes[0]:
+        _draw_fronts(ax, ablation)
+    axes[0][0].legend(fontsize=8)
+    if zoom:
+        axes[0][1].set_ylim(dense - ZOOM_POINTS, max(accuracies + [dense]) + 0.3)
+        axes[0][1].set_title(f"within {ZOOM_POINTS:g} points of dense accuracy", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _draw_fronts(ax, ablation: Ablation) -> None:
     markers = iter("s^vD")
     for space in ablation.techniques:
         _step(ax, ablation.front(space), label=f"{space} front", marker=next(markers))
@@ -263,11 +282,6 @@ def plot_ablation(ablation: Ablation, path: Path) -> Path:
     ax.set_xlabel("latency (ms, re-measured side by side)")
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def _step(ax, points: list[AblationPoint], **style) -> None:
