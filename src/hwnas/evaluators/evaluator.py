@@ -140,7 +140,8 @@ class Evaluator:
         try:
             return cuda_graph_replay(call, self.device)
         except RuntimeError as exc:
-            raise HwnasError(f"{type(model).__name__} cannot be captured in a CUDA graph ({str(exc).splitlines()[0]}); "
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise HwnasError(f"{type(model).__name__} cannot be captured in a CUDA graph ({reason}); "
                              "set measure.cuda_graph: false in the space to time it eagerly") from None
 
     def _dense_call(self) -> Callable[[], object]:

@@ -14,9 +14,9 @@ kept FLOPs at the profile's block-sparse efficiency, or the dense GEMM where tha
 the CPU and on CUDA the runtime picks the faster path by measurement. For a GPU profile, each
 kernel function that runs as one Triton launch on CUDA (token gather/scatter, ranking, class
 attention: ``hwnas.kernels.launches``) is one operator of the bytes it is handed, not the
-several operators its CPU path runs; one-time setup (cached bases) is never priced. Energy is predicted as
-time × power (``idle`` + ``active`` share where both are known, else TDP: an upper bound).
-Values are always named ``*_predicted``.
+several operators its CPU path runs; one-time setup (cached bases) is never priced. Energy is
+predicted as time × power (``idle`` + ``active`` share where both are known, else TDP: an upper
+bound). Values are always named ``*_predicted``.
 """
 
 from __future__ import annotations
