@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import statistics
 from pathlib import Path
@@ -31,11 +32,26 @@ RESULTS = Path(__file__).parent / "results"
 TOKEN_IMPLS = {"hwnas": "ucc-blocks", "tome": "tome"}
 
 
-def token_models(name: str) -> dict[str, torch.nn.Module]:
-    dense = timm.create_model(name, pretrained=False).eval()
+@functools.cache
+def dense_model(name: str) -> torch.nn.Module:
+    return timm.create_model(name, pretrained=False).eval()
+
+
+@functools.cache
+def token_model(name: str, impl: str) -> torch.nn.Module:
+    """``bench tokens``' model ``impl`` at −50 % FLOPs (cuts at its timing blocks)."""
+    dense = dense_model(name)
+    if impl == "dense":
+        return dense
     keep, _ = bench_tokens.schedule_for_flops(dense, bench_tokens.TIMING_CUTS, 0.5, (3, 224, 224))
-    return {"dense": dense, **{impl: apply_token_keep(copy.deepcopy(dense), keep, method)
-                               for impl, method in TOKEN_IMPLS.items()}}
+    return apply_token_keep(copy.deepcopy(dense), keep, TOKEN_IMPLS[impl])
+
+
+@functools.cache
+def block_sparse_model(name: str, impl: str, block: int, sparsity: float) -> torch.nn.Module:
+    """``bench models``' model ``impl``: dense, or its seeded block-sparse copy."""
+    dense = dense_model(name)
+    return dense if impl == "dense" else block_sparse_copy(dense, block, sparsity)
 
 
 def measured_rows(record: str) -> list[dict]:
@@ -45,23 +61,14 @@ def measured_rows(record: str) -> list[dict]:
 def check(profile_name: str) -> dict:
     profile = load_profile(profile_name)
     torch.manual_seed(0)
-    models: dict[tuple, torch.nn.Module] = {}
     rows = []
     for record in ("tokens-h100.json", "models-h100.json"):
         for row in measured_rows(record):
             case = row["case"]
             if record.startswith("tokens"):
-                if (case["model"], "dense") not in models:
-                    models.update({(case["model"], impl): m for impl, m in token_models(case["model"]).items()})
-                model, group = models[(case["model"], row["impl"])], case["model"]
+                model, group = token_model(case["model"], row["impl"]), case["model"]
             else:
-                if (case["model"], "dense") not in models:
-                    models[(case["model"], "dense")] = timm.create_model(case["model"], pretrained=False).eval()
-                dense = models[(case["model"], "dense")]
-                key = (case["model"], f"b{case['block']}")
-                if key not in models:
-                    models[key] = block_sparse_copy(dense, case["block"], case["sparsity"])
-                model = dense if row["impl"] == "dense" else models[key]
+                model = block_sparse_model(case["model"], row["impl"], case["block"], case["sparsity"])
                 group = f"{case['model']} {case['sparsity']:.0%} b{case['block']}"
             x = torch.randn(case["batch"], 3, 224, 224)
             predicted = Predictor(profile, case["dtype"]).predict(model, x)["latency_ms_predicted"]
