@@ -16,7 +16,7 @@ from hwnas.evaluators.pool import Outcome
 from hwnas.search.objectives import Objective
 from hwnas.search.optimizers import PymooNSGA2
 from hwnas.search.pareto import DENSE_TRIAL, Record, pareto_front
-from hwnas.search.report import speedup
+from hwnas.search.report import speedup, zoom_limits
 from hwnas.search.runner import Interrupted, SearchRun
 from hwnas.search.study import RunSettings, StudyDir
 from hwnas.spaces import config_hash, space_from_dict
@@ -288,3 +288,18 @@ def test_a_study_of_an_earlier_ucc_is_not_continued_with_another_score(tmp_path,
     else:
         with pytest.raises(HwnasError, match="scored with spectral weight 0.3 .now 0.8."):
             StudyDir.open(study_dir.path)
+
+
+def _record(trial: int, accuracy: float, latency: float) -> Record:
+    return Record(trial, {}, {"accuracy": accuracy, "latency_ms": latency}, True, str(trial))
+
+
+def test_the_plot_zooms_on_the_front_along_the_axis_that_collapsed_candidates_stretch():
+    front = [_record(1, 0.973, 61.0), _record(2, 0.976, 65.0), _record(3, 0.978, 81.0)]
+    near = [_record(4, 0.974, 70.0), _record(5, 0.972, 90.0)]
+    dense = {"accuracy": 0.973, "latency_ms": 91.0}
+    assert zoom_limits(front + near, front, dense, "accuracy", "latency_ms") is None
+    collapsed = _record(6, 0.37, 80.0)  # a candidate that lost its accuracy: 120x the front's accuracy span below
+    x_limits, y_limits = zoom_limits(front + near + [collapsed], front, dense, "accuracy", "latency_ms")
+    assert x_limits is None  # latency is not stretched: its axis stays whole
+    assert y_limits == pytest.approx((0.973 - 0.0025, 0.978 + 0.0025))  # the front and dense, padded by half their span

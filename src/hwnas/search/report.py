@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from hwnas.search.pareto import Record, dense_record, hypervolume, pareto_front
 
 TABLE_METRICS = ("accuracy", "fidelity_kl", "latency_ms", "latency_ms_vs_dense", "latency_ms_predicted", "energy_mj",
                  "energy_mj_above_idle", "energy_mj_predicted", "flops", "params")
+#: ``pareto.png`` adds a row zoomed on the front when the trials spread this many times wider than it
+ZOOM_SPREAD = 3.0
 
 
 def pareto_document(study_dir, records: list[Record], baseline: dict) -> dict:
@@ -149,38 +152,78 @@ def write_report(study_dir, records: list[Record], front: list[Record], baseline
 
 
 def _plot(path: Path, records: list[Record], front: list[Record], baseline: dict, study_dir) -> Path | None:
+    """One panel per pair of objectives; where the trials spread far beyond the front (a few collapsed
+    candidates, say), a second row zooms on the front and the dense baseline."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    objectives = study_dir.objectives
-    pairs = list(itertools.combinations(objectives, 2))
+    pairs = list(itertools.combinations(study_dir.objectives, 2))
     if not pairs or not records:
         return None
-    fig, axes = plt.subplots(1, len(pairs), figsize=(6 * len(pairs), 4.5), squeeze=False)
-    for ax, (a, b) in zip(axes[0], pairs):
-        infeasible = [r for r in records if not r.feasible]
-        feasible = [r for r in records if r.feasible]
-        for group, style in ((infeasible, dict(c="lightgrey", marker="x", label="over budget")),
-                             (feasible, dict(c="tab:blue", marker="o", alpha=0.6, label="feasible"))):
-            if group:
-                ax.scatter([r.metrics[b.metric] for r in group], [r.metrics[a.metric] for r in group], **style)
-        if front:
-            ordered = sorted(front, key=lambda r: r.metrics[b.metric])
-            ax.plot([r.metrics[b.metric] for r in ordered], [r.metrics[a.metric] for r in ordered], "o-",
-                    c="tab:red", drawstyle="steps-post", label="Pareto front")
-        ax.scatter([baseline["metrics"][b.metric]], [baseline["metrics"][a.metric]], marker="*", s=200,
-                   c="black", label="dense", zorder=5)
-        limit = study_dir.budget.limits.get(b.metric)
-        if limit is not None:
-            ax.axvline(limit, ls="--", c="tab:orange", label=f"budget {format_metric(b.metric, limit)}")
-        ax.set_xlabel(f"{b.metric} ({b.direction})")
-        ax.set_ylabel(f"{a.metric} ({a.direction})")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    zooms = [zoom_limits(records, front, baseline["metrics"], a.metric, b.metric) for a, b in pairs]
+    rows = 2 if any(zooms) else 1
+    fig, axes = plt.subplots(rows, len(pairs), figsize=(6 * len(pairs), 4.5 * rows), squeeze=False)
+    for column, ((a, b), zoom) in enumerate(zip(pairs, zooms)):
+        for row in range(rows):
+            ax = axes[row][column]
+            _draw_pair(ax, records, front, baseline, a, b, study_dir.budget.limits.get(b.metric))
+            if row == 1 and zoom:
+                x_limits, y_limits = zoom
+                if x_limits:
+                    ax.set_xlim(*x_limits)
+                if y_limits:
+                    ax.set_ylim(*y_limits)
+                ax.set_title("near the front", fontsize=9)
+            elif row == 1:
+                ax.set_visible(False)
     fig.suptitle(f"{study_dir.space.name} on {baseline.get('device')}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def zoom_limits(records: list[Record], front: list[Record], base: dict, y: str, x: str
+                ) -> tuple[tuple[float, float] | None, tuple[float, float] | None] | None:
+    """Axis limits ``(x_limits, y_limits)`` around the front and the dense baseline, padded by half their span on
+    each side, for each axis along which the trials spread ``ZOOM_SPREAD`` times as wide (None for the other);
+    None where neither does."""
+    limits = []
+    for metric in (x, y):
+        near = _finite([r.metrics.get(metric) for r in front] + [base.get(metric)])
+        every = near + _finite([r.metrics.get(metric) for r in records])
+        if not near:
+            return None
+        low, high = min(near), max(near)
+        pad = 0.5 * (high - low) or 0.05 * abs(high) or 0.05
+        spread = (max(every) - min(every)) / (high - low + 2 * pad)
+        limits.append((low - pad, high + pad) if spread >= ZOOM_SPREAD else None)
+    return None if limits == [None, None] else (limits[0], limits[1])
+
+
+def _finite(values: list) -> list[float]:
+    return [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+
+
+def _draw_pair(ax, records: list[Record], front: list[Record], baseline: dict, a, b, limit: float | None) -> None:
+    """Objective ``a`` against ``b``: the trials (over budget greyed), the front as steps, dense as a star."""
+    infeasible = [r for r in records if not r.feasible]
+    feasible = [r for r in records if r.feasible]
+    for group, style in ((infeasible, dict(c="lightgrey", marker="x", label="over budget")),
+                         (feasible, dict(c="tab:blue", marker="o", alpha=0.6, label="feasible"))):
+        if group:
+            ax.scatter([r.metrics[b.metric] for r in group], [r.metrics[a.metric] for r in group], **style)
+    if front:
+        ordered = sorted(front, key=lambda r: r.metrics[b.metric])
+        ax.plot([r.metrics[b.metric] for r in ordered], [r.metrics[a.metric] for r in ordered], "o-",
+                c="tab:red", drawstyle="steps-post", label="Pareto front")
+    ax.scatter([baseline["metrics"][b.metric]], [baseline["metrics"][a.metric]], marker="*", s=200,
+               c="black", label="dense", zorder=5)
+    if limit is not None:
+        ax.axvline(limit, ls="--", c="tab:orange", label=f"budget {format_metric(b.metric, limit)}")
+    ax.set_xlabel(f"{b.metric} ({b.direction})")
+    ax.set_ylabel(f"{a.metric} ({a.direction})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
