@@ -22,15 +22,15 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from hwnas.hwprofiles.energy import idle_power_w
 from hwnas.hwprofiles.latency import device_name, measure
 from hwnas.hwprofiles.predictor import interpolate, trace_ops
 from hwnas.hwprofiles.profile import CostPoint, HardwareProfile
 from hwnas.kernels.block_sparse import BlockSparseLinear, bsr_linear, triton_available
+from hwnas.progress import transient_progress
 
 GEMM_SHAPES = [(d, f) for d in (192, 768) for f in (3 * d, 4 * d)]
 GEMM_ROWS = (17, 197, 1088, 4096, 12608)
@@ -50,7 +50,7 @@ def measure_profile(device: str = "cpu", name: str | None = None, quick: bool = 
     steps = len(dtypes) * (2 * len(GEMM_SHAPES) * len(rows) + len(ATTENTION_SHAPES) + 2 * len(BYTES)) + 3
     columns = (TextColumn(f"[bold]profiling[/] {escape(device_name(dev))}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=not progress, transient=True) as bar:
+    with transient_progress(*columns, enabled=progress) as bar:
         task = bar.add_task("profile", total=steps)
 
         def advance(steps: int = 1) -> None:

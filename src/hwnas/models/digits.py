@@ -20,8 +20,7 @@ from typing import Callable
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from timm.models.swin_transformer import SwinTransformer
@@ -30,6 +29,7 @@ from torch import Tensor, nn
 
 from hwnas.errors import HwnasError
 from hwnas.paths import cache_dir
+from hwnas.progress import transient_progress
 
 CALIB_FRACTION = 0.15
 TEST_FRACTION = 0.25
@@ -234,7 +234,7 @@ def _train(model: nn.Module, images: Tensor, labels: Tensor | None, recipe: Trai
         else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
                TextColumn("{task.fields[status]}"), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=not progress, transient=True) as bar:
+    with transient_progress(*columns, enabled=progress) as bar:
         task = bar.add_task(description, total=recipe.epochs, status="")
         for _ in range(recipe.epochs):
             model.train()

@@ -39,6 +39,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from hwnas.errors import HwnasError
+from hwnas.progress import transient_progress
 
 DEFAULT_PATTERNS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 DEFAULT_LEVELS = tuple(i / 10 for i in range(10))
@@ -88,13 +89,14 @@ def collect_hessians(
     images = 0
     model.eval()
     try:
-        with _ProgressBar(progress, "calibrating", len(batches) if hasattr(batches, "__len__") else None) as bar:
+        with transient_progress(enabled=progress) as bar:
+            task = bar.add_task("calibrating", total=len(batches) if hasattr(batches, "__len__") else None)
             for batch in batches:
                 if isinstance(batch, (tuple, list)):
                     batch = batch[0]
                 model(batch.to(device))
                 images += batch.shape[0]
-                bar.advance()
+                bar.advance(task)
     finally:
         for handle in handles:
             handle.remove()
@@ -197,7 +199,8 @@ class LayerDatabase:
             _check_block(layer.weight, block, name)
         hessians = collect_hessians(model, layers, calib_batches, min_rows_ratio=min_rows_ratio, progress=progress)
         db = cls(block, levels, {n: tuple(m.weight.shape) for n, m in layers.items()}, {"damp": damp, "model": type(model).__name__})
-        with _ProgressBar(progress, "pruning", len(layers) * len(levels)) as bar:
+        with transient_progress(enabled=progress) as bar:
+            task = bar.add_task("pruning", total=len(layers) * len(levels))
             for name, layer in layers.items():
                 weight = layer.weight.detach()
                 hessian = hessians.pop(name)
@@ -213,7 +216,7 @@ class LayerDatabase:
                         pruned = _compensate(weight, upper, mask, block)
                     db.losses[name].append(_quadratic_loss(pruned.to(weight.dtype) - weight, hessian) if level else 0.0)
                     db._store(name, i, pruned, mask)
-                    bar.advance()
+                    bar.advance(task)
         return db
 
     def weight(self, layer_name: str, level: float) -> tuple[Tensor, Tensor]:
@@ -392,29 +395,3 @@ def _compensate(weight: Tensor, upper: Tensor, mask: Tensor, block: int) -> Tens
         w[rows, stop:] -= err @ upper[start:stop, stop:]
         w[rows, start:stop] = 0
     return w.to(weight.dtype)
-
-
-class _ProgressBar:
-    """A transient rich progress bar (``total`` None: indeterminate), or nothing when disabled."""
-
-    def __init__(self, enabled: bool, label: str, total: int | None):
-        self._progress = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import Progress
-
-            self._progress = Progress(console=Console(stderr=True), transient=True)
-            self._task = self._progress.add_task(label, total=total)
-
-    def __enter__(self) -> _ProgressBar:
-        if self._progress is not None:
-            self._progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-
-    def advance(self) -> None:
-        if self._progress is not None:
-            self._progress.advance(self._task)

@@ -22,12 +22,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 
 from hwnas.bench.record import bench_record, result_row, write_record
 from hwnas.errors import HwnasError
 from hwnas.hwprofiles.latency import Timing, device_name, measure_side_by_side
+from hwnas.progress import transient_progress
 from hwnas.pruning.apply import TECHNIQUES, apply_config
 from hwnas.search.objectives import parse_objectives
 from hwnas.search.pareto import Record, hypervolume, pareto_front
@@ -154,7 +154,7 @@ def remeasure_fronts(space: Space, fronts: dict[str, list[dict]], device: str = 
         for name, front in fronts.items() for p in front]
     evaluator = Evaluator(space, device=device)
     calls = {}
-    with Progress(console=console, disable=console is None, transient=True) as progress:
+    with transient_progress(console=console, enabled=console is not None) as progress:
         for i, point in enumerate(progress.track(points, description="building the front models")):
             model = apply_config(evaluator.model, space, point.config, evaluator.pruner)
             quality = evaluator.quality(model)

@@ -10,10 +10,11 @@ ones, and saves ``cost_model.json`` in the study directory; ``--resume`` reuses 
 from __future__ import annotations
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from hwnas.errors import HwnasError
 from hwnas.hwprofiles.cost_model import CostModel, design_configs, random_configs
+from hwnas.progress import transient_progress
 from hwnas.spaces import Config, config_hash
 
 COST_MODEL_FILE = "cost_model.json"
@@ -70,7 +71,7 @@ def _measure(pool, configs: list[Config], console: Console, progress: bool) -> d
     """Metrics of each configuration that evaluates (by hash); failures are left out, with a note."""
     measured = {}
     columns = (TextColumn("[bold]fitting the cost model"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, disable=not progress, transient=True) as bar:
+    with transient_progress(*columns, console=console, enabled=progress) as bar:
         task = bar.add_task("fit", total=len(configs))
         for outcome in pool.evaluate(configs):
             if outcome.error:
