@@ -166,18 +166,21 @@ def _plot(path: Path, records: list[Record], front: list[Record], baseline: dict
     rows = 2 if any(zooms) else 1
     fig, axes = plt.subplots(rows, len(pairs), figsize=(6 * len(pairs), 4.5 * rows), squeeze=False)
     for column, ((a, b), zoom) in enumerate(zip(pairs, zooms)):
-        for row in range(rows):
-            ax = axes[row][column]
-            _draw_pair(ax, records, front, baseline, a, b, study_dir.budget.limits.get(b.metric))
-            if row == 1 and zoom:
-                x_limits, y_limits = zoom
-                if x_limits:
-                    ax.set_xlim(*x_limits)
-                if y_limits:
-                    ax.set_ylim(*y_limits)
-                ax.set_title("near the front", fontsize=9)
-            elif row == 1:
-                ax.set_visible(False)
+        limit = study_dir.budget.limits.get(b.metric)
+        _draw_pair(axes[0][column], records, front, baseline, a, b, limit)
+        if rows == 1:
+            continue
+        ax = axes[1][column]
+        if zoom is None:  # another pair needed the zoom; this one shows whole above
+            ax.set_visible(False)
+            continue
+        _draw_pair(ax, records, front, baseline, a, b, limit)
+        x_limits, y_limits = zoom
+        if x_limits:
+            ax.set_xlim(*x_limits)
+        if y_limits:
+            ax.set_ylim(*y_limits)
+        ax.set_title("near the front", fontsize=9)
     fig.suptitle(f"{study_dir.space.name} on {baseline.get('device')}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
