@@ -33,11 +33,15 @@ from hwnas.hwprofiles.latency import measure
 from hwnas.kernels import block_sparse as bs
 
 
+#: the tokens of every case: DeiT-B's 197 at batch 64
+TOKENS = 197 * 64
+
+
 def configurations(block: int):
     """Every (tile layout, BLOCK_M, KB, warps, stages) worth trying at block size ``block``."""
     for fm, bm, kb, w, s in itertools.product((False, True), (64, 128, 256, 512), (1, 2, 4), (4, 8), (3, 4)):
         if fm and block < 64 or kb * block > 256 or (bm == 64 and w == 8) or (bm == 512 and (kb, w) != (1, 8)):
-            continue  # feature-major needs 64 rows; K steps past 256; 8 warps on 64 rows; 512 rows fit 8 warps, 1 block
+            continue  # feature-major needs 64 rows; K steps past 256; 8 warps on 64 rows; 512 rows: 8 warps, 1 block
         yield dict(FEATURE_MAJOR=fm, BLOCK_M=bm, KB=kb, num_warps=w, num_stages=s)
 
 
@@ -53,7 +57,7 @@ def run_forced(x2: torch.Tensor, weight: bs.BsrWeight, bias: torch.Tensor, y: to
     return y
 
 
-def sweep_case(inp: int, out: int, sparsity: float, block: int, seed: int, tokens: int = 197 * 64) -> dict:
+def sweep_case(inp: int, out: int, sparsity: float, block: int, seed: int, tokens: int = TOKENS) -> dict:
     timed = lambda fn: measure(fn, "cuda", 5, 30, cuda_graph=True).median_ms  # noqa: E731
     gen = torch.Generator().manual_seed(seed)
     w = (torch.randn(out, inp, generator=gen) / inp**0.5).cuda().half()
@@ -79,7 +83,7 @@ def sweep_case(inp: int, out: int, sparsity: float, block: int, seed: int, token
     return record
 
 
-def l2_traffic(record: dict, config: dict, tokens: int = 197 * 64) -> float:
+def l2_traffic(record: dict, config: dict, tokens: int = TOKENS) -> float:
     """TB/s from L2 to the SMs that ``config``'s time implies: BLOCK_M×b inputs and b×b weights per kept block
     per program, and each output written once (fp16)."""
     inp, out = record["shape"]
