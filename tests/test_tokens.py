@@ -1,6 +1,7 @@
 """Token-keep schedules on timm ViTs: identity at 1.0, the right counts, what each method keeps and fuses, errors."""
 
 import copy
+import inspect
 from dataclasses import replace
 
 import pytest
@@ -293,6 +294,30 @@ def test_triton_merge_matches_torch(vit, method):
         expected = cls(use_triton=False).reduce(state, keep=6)
         actual = cls(use_triton=True).reduce(state, keep=6)
     assert torch.allclose(actual.x, expected.x, atol=1e-5) and torch.allclose(actual.size, expected.size)
+
+
+@pytest.mark.parametrize("method", list(TOKEN_METHODS))
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_a_cut_hands_its_methods_kernel_switch_to_every_kernel(monkeypatch, method, use_triton):
+    """``use_triton`` reaches every gather, scatter and ranking of a cut (False keeps CUDA tensors on torch)."""
+    from hwnas.kernels.block_sparse import triton_available
+    from hwnas.pruning import token_methods
+
+    if use_triton and not triton_available(torch.device("cpu")):
+        pytest.skip("needs TRITON_INTERPRET=1")
+    switches = []
+    for name in ("gather_rows", "scatter_add_rows_", "descending_order"):
+        def recorded(*args, kernel=getattr(token_methods, name), **kwargs):
+            switches.append(inspect.signature(kernel).bind(*args, **kwargs).arguments.get("use_triton"))
+            return kernel(*args, **kwargs)
+        monkeypatch.setattr(token_methods, name, recorded)
+    torch.manual_seed(0)
+    patches, keys, attention = torch.randn(2, 16, 8), torch.randn(2, 16, 4), torch.rand(2, 16)
+    state = TokenState(x=torch.cat([torch.zeros(2, 1, 8), patches], 1), prefix=1, grid=(4, 4), attention=attention,
+                       attention_sum=attention, keys=keys)
+    with torch.inference_mode():
+        TOKEN_METHODS[method](use_triton=use_triton).reduce(state, keep=6)
+    assert switches and switches == [use_triton] * len(switches)
 
 
 @pytest.mark.parametrize("method", list(TOKEN_METHODS))

@@ -151,11 +151,13 @@ def _row_table(x: Tensor) -> tuple[Tensor, int]:
 def _table_index(rows: Tensor, step: int, length: int) -> Tensor:
     """``rows [B, R]`` as int64 indices ``[B·R]`` into a row table of ``step`` rows per image; raises if out of range."""
     if rows.numel():
-        low, high = torch.aminmax(rows)
+        low, high = (int(bound) for bound in torch.aminmax(rows))
         if low < 0 or high >= length:
-            raise IndexError(f"rows must lie in [0, {length}), got values in [{int(low)}, {int(high)}]")
-    offsets = torch.arange(rows.shape[0], device=rows.device)[:, None] * step
-    return (rows.long() + offsets).reshape(-1)
+            raise IndexError(f"rows must lie in [0, {length}), got values in [{low}, {high}]")
+    index = rows.long()
+    if rows.shape[0] > 1:  # image b's rows start at row b·step of the table
+        index = index + torch.arange(0, rows.shape[0] * step, step, device=rows.device)[:, None]
+    return index.reshape(-1)
 
 
 def _index_into_(x: Tensor, rows: Tensor, values: Tensor, accumulate: bool) -> Tensor:

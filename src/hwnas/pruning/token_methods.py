@@ -187,7 +187,7 @@ class UccMethod(TokenMethod):
         # the kept tokens, best first, then the pruned ones: every per-token table is gathered once. Past the
         # position embedding a ViT's blocks do not see token order, so the kept ones need no sort back
         order = descending_order(self.scores(state), self.use_triton)
-        keys = gather_rows(F.normalize(state.keys, dim=-1), order)
+        keys = gather_rows(F.normalize(state.keys, dim=-1), order, self.use_triton)
         target = (keys[:, keep:] @ keys[:, :keep].transpose(1, 2)).max(dim=-1).indices  # most similar kept token [B, P]
         rows = gather_rows(state.patches, order, self.use_triton)
         size = None if state.size is None else state.size.gather(1, order)
