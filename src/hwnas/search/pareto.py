@@ -62,7 +62,9 @@ def hypervolume(front: list[Record], objectives: list[Objective], baseline: dict
     In minimisation form each objective is divided by the baseline's value and the reference
     point is the baseline itself (1.0 for minimised metrics, 0.0 for maximised ones), so the
     value measures how far the front improves on the dense model and is comparable across runs
-    of the same space. Points worse than the reference contribute nothing.
+    of the same space. Points worse than the reference contribute nothing. A metric on which the
+    baseline scores 0 (``fidelity_kl``, the dense model's divergence from itself) stays in its own
+    units with the reference 1: a KL of 1 nat.
     """
     if not front:
         return 0.0
