@@ -9,6 +9,7 @@ import timm
 import torch
 
 from hwnas.errors import HwnasError
+from hwnas.pruning import token_methods
 from hwnas.pruning.token_methods import (LOW_PASS_RADIUS, TOKEN_METHODS, EvitMethod, RandomMethod, TokenState, TomeMethod,
                                          UccMethod, _random_rows, low_pass_basis, spectral_energy,
                                          token_method)
@@ -276,19 +277,29 @@ def test_random_is_reproducible():
     assert not torch.equal(rows[0], rows[1])  # each image draws its own
 
 
-@pytest.mark.parametrize("method", ["ucc", "tome"])
-def test_triton_merge_matches_torch(vit, method):
-    """The gather + weighted scatter-add kernels (TRITON_INTERPRET=1 on the CPU) give the torch path's tokens."""
+def _skip_without_triton_interpreter() -> None:
+    """Skip unless the Triton kernels run on CPU tensors (TRITON_INTERPRET=1, as ``make test`` sets)."""
     pytest.importorskip("triton")
     from hwnas.kernels.block_sparse import triton_available
 
     if not triton_available(torch.device("cpu")):
         pytest.skip("needs TRITON_INTERPRET=1")
+
+
+def _state_before_a_cut() -> TokenState:
+    """Two images of 16 patch tokens (a 4×4 grid) with their keys and class attention: what a cut reads."""
     torch.manual_seed(0)
     patches, keys = torch.randn(2, 16, 8), torch.randn(2, 16, 4)
     attention = torch.rand(2, 16)
-    state = TokenState(x=torch.cat([torch.zeros(2, 1, 8), patches], 1), prefix=1, grid=(4, 4), attention=attention,
-                       attention_sum=attention, keys=keys)
+    return TokenState(x=torch.cat([torch.zeros(2, 1, 8), patches], 1), prefix=1, grid=(4, 4), attention=attention,
+                      attention_sum=attention, keys=keys)
+
+
+@pytest.mark.parametrize("method", ["ucc", "tome"])
+def test_triton_merge_matches_torch(vit, method):
+    """The gather + weighted scatter-add kernels (TRITON_INTERPRET=1 on the CPU) give the torch path's tokens."""
+    _skip_without_triton_interpreter()
+    state = _state_before_a_cut()
     cls = TOKEN_METHODS[method]
     with torch.inference_mode():
         expected = cls(use_triton=False).reduce(state, keep=6)
@@ -300,23 +311,16 @@ def test_triton_merge_matches_torch(vit, method):
 @pytest.mark.parametrize("use_triton", [False, True])
 def test_a_cut_hands_its_methods_kernel_switch_to_every_kernel(monkeypatch, method, use_triton):
     """``use_triton`` reaches every gather, scatter and ranking of a cut (False keeps CUDA tensors on torch)."""
-    from hwnas.kernels.block_sparse import triton_available
-    from hwnas.pruning import token_methods
-
-    if use_triton and not triton_available(torch.device("cpu")):
-        pytest.skip("needs TRITON_INTERPRET=1")
+    if use_triton:
+        _skip_without_triton_interpreter()
     switches = []
     for name in ("gather_rows", "scatter_add_rows_", "descending_order"):
         def recorded(*args, kernel=getattr(token_methods, name), **kwargs):
             switches.append(inspect.signature(kernel).bind(*args, **kwargs).arguments.get("use_triton"))
             return kernel(*args, **kwargs)
         monkeypatch.setattr(token_methods, name, recorded)
-    torch.manual_seed(0)
-    patches, keys, attention = torch.randn(2, 16, 8), torch.randn(2, 16, 4), torch.rand(2, 16)
-    state = TokenState(x=torch.cat([torch.zeros(2, 1, 8), patches], 1), prefix=1, grid=(4, 4), attention=attention,
-                       attention_sum=attention, keys=keys)
     with torch.inference_mode():
-        TOKEN_METHODS[method](use_triton=use_triton).reduce(state, keep=6)
+        TOKEN_METHODS[method](use_triton=use_triton).reduce(_state_before_a_cut(), keep=6)
     assert switches and switches == [use_triton] * len(switches)
 
 
