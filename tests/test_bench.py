@@ -7,7 +7,12 @@ import os
 import subprocess
 import sys
 
+from timm.models.vision_transformer import VisionTransformer
+
 from hwnas.bench.record import bench_record
+from hwnas.bench.tokens import schedule, schedule_family
+from hwnas.models.digits import DIGITS_MODELS
+from hwnas.pruning.tokens import keep_counts
 
 BLOCKER = '''
 import importlib.abc, sys
@@ -61,3 +66,11 @@ def test_models_bench_reports_energy_per_image_and_above_idle():
              "metrics": {**sparse, "impls": {"triton": 40, "dense": 8}}}]
     cells = [next(iter(column.cells)) for column in summary(rows).columns]
     assert cells[3:] == ["32", "6.0", "4.0", "1.50x", "2.00x (2.50x)", "dense 8, triton 40"]
+
+
+def test_the_tokens_schedule_family_gives_each_set_of_token_counts_once():
+    """On the digits DeiT (16 patches) keep 0.35 and 0.4 at block 1 both keep 6 tokens: one schedule, not two."""
+    model = VisionTransformer(**DIGITS_MODELS["digits-deit"])
+    assert keep_counts(model, schedule(6, (1,), 0.35)) == keep_counts(model, schedule(6, (1,), 0.4))
+    family = list(schedule_family(model, (1, 32, 32), targets=(0.5,), cut_sets=((1,),)))
+    assert [rho for _, _, rho, _, _ in family] == [0.35]

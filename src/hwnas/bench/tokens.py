@@ -40,7 +40,7 @@ from hwnas.evaluators.metrics import accuracy, count_flops, fidelity_kl, predict
 from hwnas.hwprofiles.latency import Ratio, cuda_graph_replay, measure_side_by_side, paired_ratio
 from hwnas.models.digits import create_digits_model, load_digits_splits
 from hwnas.pruning.token_methods import TokenMethod, UccMethod, token_method
-from hwnas.pruning.tokens import apply_token_keep
+from hwnas.pruning.tokens import apply_token_keep, keep_counts
 
 DIGITS_MODEL = "digits-deit"
 DIGITS_CHECKPOINTS = (DIGITS_MODEL,)  # recorded with the results (``checkpoint_fingerprint``)
@@ -91,14 +91,20 @@ def schedule_for_flops(model: nn.Module, cuts, target: float, input_shape: tuple
 
 
 def schedule_family(model: nn.Module, input_shape: tuple[int, ...], targets=TARGETS, cut_sets=CUT_SETS):
-    """Every schedule of the family within ``TOLERANCE`` of a target reduction: (target, cuts, ρ, keep, reduction)."""
+    """Every schedule of the family within ``TOLERANCE`` of a target reduction: (target, cuts, ρ, keep, reduction).
+
+    Two values of ρ that round to the same token counts are one schedule: only the first is given.
+    """
     dense_flops = count_flops(model, input_shape)
     for target in targets:
+        seen = set()
         for cuts in cut_sets:
             for rho in RHOS:
                 keep = schedule(len(model.blocks), cuts, rho)
+                counts = tuple(keep_counts(model, keep))
                 reduction = flops_reduction(model, keep, input_shape, dense_flops)
-                if abs(reduction - target) <= TOLERANCE:
+                if abs(reduction - target) <= TOLERANCE and counts not in seen:
+                    seen.add(counts)
                     yield target, cuts, rho, keep, reduction
 
 
