@@ -30,9 +30,10 @@ returns a state with ``keep`` patch tokens; prefix tokens (class, registers) alw
   0.3 loses to it twice at −35 %. Which β is best differs from model to model (on the built-in,
   trained on an Intel Xeon, 0–1 all score within 6 images of each other). On nine models trained
   on an AMD EPYC (seeds 0–8, ``token-seeds-cpu-epyc-2threads.json``) 0.8 scores 6319 / 6110 at
-  −35 % / −50 %, ToMe 6316 / 6088, 0.3 6312 / 6104, attention alone 6281 / 6066. Until hwnas 0.2.0, β
-  was 0.3; exports of those versions load with it. The
-  best ``keep`` tokens are kept and every pruned token is fused into its most similar kept token
+  −35 % / −50 %, ToMe 6316 / 6088, 0.3 6312 / 6104, attention alone 6281 / 6066. Until hwnas
+  0.2.0, β was 0.3; exports of those versions load with it.
+
+  The best ``keep`` tokens are kept and every pruned token is fused into its most similar kept token
   (cosine of attention keys): a size-weighted mean, and the kept token inherits the pruned one's
   accumulated attention and spectral energy, so the cascade remembers what a fused token absorbed.
   Later blocks use proportional attention (``+ log size`` on the keys), so a fused token counts for
