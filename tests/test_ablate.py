@@ -3,9 +3,11 @@
 import json
 import subprocess
 import sys
+from collections import Counter
 
 import matplotlib.image
 import pytest
+import yaml
 
 from hwnas.bench.joint import summary
 from hwnas.errors import HwnasError
@@ -61,22 +63,38 @@ def test_the_plot_zooms_on_the_points_near_dense_when_a_front_reaches_far_below(
     assert width / height == pytest.approx((12 if panels == 2 else 6.8) / 4.4, rel=0.02)
 
 
+def _deep_cuts_space(path) -> str:
+    """The default space narrowed to deep cuts: keep 0.3-0.4 of the tokens (1.6x faster than dense on a 2-core
+    CPU, so the token and joint fronts hold points however noisy the machine) and prune 80-90 % of the blocks.
+    On the full ranges 6 joint trials of gentle cuts could all time slower than dense and leave the front empty."""
+    source = load_space(None).source
+    narrowed = {"token_keep": [0.3, 0.4], "block_sparsity": [0.8, 0.9]}
+    dimensions = [{**d, "values": narrowed.get(d["transform"], d["values"])} for d in source["dimensions"]]
+    path.write_text(yaml.safe_dump({**source, "dimensions": dimensions}))
+    return str(path)
+
+
 def test_search_ablate_writes_each_study_and_the_comparison(tmp_path):
     out = tmp_path / "ablation"
-    command = SEARCH + ["ablate", "--trials", "3", "--rounds", "2", "--workers", "0", "--out", str(out),
-                        "--no-progress"]
+    command = SEARCH + ["ablate", _deep_cuts_space(tmp_path / "space.yaml"), "--trials", "3", "--rounds", "2",
+                        "--workers", "0", "--out", str(out), "--no-progress"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr
     assert "joint points beyond the union" in result.stdout
-    for name in ("block", "tokens", "joint"):
+    studies = ("block", "tokens", "joint")
+    for name in studies:
         assert (out / name / "study.db").is_file() and (out / name / "pareto.json").is_file()
+    fronts = {name: json.loads((out / name / "pareto.json").read_text())["points"] for name in studies}
+    assert fronts["tokens"] and fronts["joint"]
+    # every study's front point is re-measured beside dense; the block front may be empty: on the CPU even 90 %
+    # block sparsity times within 0.9-1.35x of dense on this small model, so whether it beats dense is the noise's call
     document = json.loads((out / "ablation.json").read_text())
-    spaces = {row["impl"] for row in document["results"]}
-    assert spaces == {"dense", "block", "tokens", "joint"}
+    rows = Counter(row["impl"] for row in document["results"])
+    assert rows == {"dense": 1, **{name: len(front) for name, front in fronts.items() if front}}
     assert all(len(row["metrics"]["latencies_ms"]) == 2 for row in document["results"])  # one call per round
     assert (out / "ablation.png").stat().st_size > 0 and "![fronts](ablation.png)" in (out / "ablation.md").read_text()
     # the joint study runs what the two single ones cost together; a second call reuses all three
-    counts = {name: _trials(out / name) for name in ("block", "tokens", "joint")}
+    counts = {name: _trials(out / name) for name in studies}
     assert counts == {"block": 3, "tokens": 3, "joint": 6}
     again = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr
