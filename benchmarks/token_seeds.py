@@ -50,37 +50,40 @@ def seeded_model(seed: int, splits) -> VisionTransformer:
     return model.eval()
 
 
-def rows_of(seed: int, model, splits) -> list[dict]:
-    """One row per schedule of the family and method: right answers on each split, and the accuracy over both."""
+def rows_of(seed: int, model, splits, methods=METHODS, option: str = "spectral_weight") -> list[dict]:
+    """One row per schedule of the family and method: right answers on each split, and the accuracy over both.
+
+    ``methods``: {(impl, value of ``option`` or None): the token method}; the value goes in the case as ``option``.
+    """
     held_out = {"calib": (splits.calib_x, splits.calib_y), "test": (splits.test_x, splits.test_y)}
     rows = []
     for target, cuts, rho, keep, _ in schedule_family(model, tuple(splits.test_x.shape[1:])):
-        for (impl, weight), make in METHODS.items():
+        for (impl, value), make in methods.items():
             pruned = apply_token_keep(copy.deepcopy(model), keep, make())
             right = {f"correct_{split}": int((predict_logits(pruned, x).argmax(1) == y).sum())
                      for split, (x, y) in held_out.items()}
             case = {"model": "digits-deit", "seed": seed, "flops_reduction": target,
-                    "schedule": f"keep {rho} at {list(cuts)}", **({} if weight is None else {"spectral_weight": weight})}
+                    "schedule": f"keep {rho} at {list(cuts)}", **({} if value is None else {option: value})}
             accuracy = sum(right.values()) / sum(len(y) for _, y in held_out.values())
             rows.append(result_row(case, impl, None, {**right, "accuracy": accuracy}))
     return rows
 
 
-def summary(rows: list[dict]) -> None:
+def summary(rows: list[dict], methods=METHODS, option: str = "spectral_weight", symbol: str = "β") -> None:
     """Per point and method: the sum over seeds of each model's best schedule, and of all schedules."""
     best, total = defaultdict(int), defaultdict(int)
     for row in rows:
         right = row["metrics"]["correct_calib"] + row["metrics"]["correct_test"]
-        method = (row["case"]["flops_reduction"], row["impl"], row["case"].get("spectral_weight"))
+        method = (row["case"]["flops_reduction"], row["impl"], row["case"].get(option))
         best[(*method, row["case"]["seed"])] = max(best[(*method, row["case"]["seed"])], right)
         total[method] += right
     seeds = sorted({row["case"]["seed"] for row in rows})
     for target in TARGETS:
         print(f"−{target:.0%} FLOPs, seeds {seeds}: right answers, best schedule per seed (each seed) / all schedules")
-        for impl, weight in METHODS:
-            per_seed = [best[(target, impl, weight, seed)] for seed in seeds]
-            name = impl if weight is None else f"{impl} β={weight}"
-            print(f"  {name:12s} {sum(per_seed):6d} {per_seed} / {total[(target, impl, weight)]}")
+        for impl, value in methods:
+            per_seed = [best[(target, impl, value, seed)] for seed in seeds]
+            name = impl if value is None else f"{impl} {symbol}={value}"
+            print(f"  {name:14s} {sum(per_seed):6d} {per_seed} / {total[(target, impl, value)]}")
 
 
 def main() -> None:

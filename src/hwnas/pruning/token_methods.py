@@ -46,7 +46,13 @@ returns a state with ``keep`` patch tokens; prefix tokens (class, registers) alw
   cut, with each fused token painted back onto the patches it covers, scored 2823 against 2831 for
   measuring it once (on the weights trained on an Intel Xeon, with every block's attention; 7582
   against 7581 on all 720 held-out images) and took 0.85–1.0 ms more per later cut on deit_small at
-  batch 8.
+  batch 8. Redundancy-aware selection, which gives a share of each cut's removals to ToMe's choice
+  of the most redundant tokens before the lowest scores (``benchmarks/token_redundancy.py``,
+  ``token-redundancy-cpu-xeon-2threads.json``: nine seeded models, best schedule per model), helps
+  at −50 % (share 0.75: 6144 right answers against 6104, at least ToMe's on 9 models of 9 against
+  8) but not at −35 % (6332 against 6336, 7 of 9 against 8); chosen on seeds 1–4 (2811 / 2715
+  against 2807 / 2688), it lost at −35 % on seeds 5–8 (2816 against 2824). It would also add
+  ToMe's similarity matmul to every cut, so UCC does not use it.
 * ``tome``: ToMe's bipartite soft matching (training-free): alternate tokens form two sets, each
   token of A its most similar of B, the most similar pairs are merged (size-weighted mean),
   repeated until ``keep`` remain (the keys are merged too when another round follows);

@@ -1,0 +1,69 @@
+"""Redundancy-aware selection for UCC, measured on seeded digits DeiTs and not adopted: the data behind the
+``token_methods`` docstring's sentence on it.
+
+    PYTHONPATH=src python3 benchmarks/token_redundancy.py [SEEDS] [OUT.json]   # default 0,1,...,8
+
+UCC removes the lowest-scored tokens at a cut. The variant gives a share of each cut's removals to
+the most redundant tokens first — ToMe's bipartite choice: of the tokens at even positions, those
+whose nearest token at an odd position (cosine of the keys) is nearest, at most half the tokens —
+and the rest to the lowest scores; every removed token is fused as in UCC. Runs the schedule family
+of ``search bench tokens`` with UCC (share 0), each share of ``SHARES`` and ToMe on the models of
+``token_seeds.py`` (the same cached weights) and prints, per point and method, the sum over seeds of
+each model's best schedule and over all schedules. The shares were compared on seeds 1–4 and the
+best checked on seeds 5–8. Writes every count to OUT (default benchmarks/results/token-redundancy-cpu.json).
+"""
+import sys
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from hwnas.bench.record import bench_record, write_record
+from hwnas.models.digits import load_digits_splits
+from hwnas.pruning.token_methods import TokenState, TomeMethod, UccMethod
+from token_seeds import rows_of, seeded_model, summary
+
+SHARES = (0.25, 0.5, 0.75, 1.0)
+
+
+class RedundantFirstUcc(UccMethod):
+    """UCC whose cuts give ``share`` of their removals to the most redundant tokens, the rest to the lowest scores."""
+
+    def __init__(self, share: float):
+        super().__init__()
+        self.share = share
+        self._removed = 0
+
+    def reduce(self, state: TokenState, keep: int) -> TokenState:
+        self._removed = state.patches.shape[1] - keep
+        return super().reduce(state, keep)
+
+    def scores(self, state: TokenState) -> Tensor:
+        scores = super().scores(state)
+        count = round(self.share * self._removed)
+        return redundant_last(scores, F.normalize(state.keys, dim=-1), count) if count else scores
+
+
+def redundant_last(scores: Tensor, metric: Tensor, count: int) -> Tensor:
+    """``scores [B, N]`` (non-negative) with the ``count`` most redundant tokens (ToMe's choice) set to -1."""
+    nearest = (metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)).max(dim=-1).values
+    chosen = nearest.topk(min(count, nearest.shape[1]), dim=1).indices * 2
+    return scores.scatter(1, chosen, -1.0)
+
+
+#: (impl, merge share or None) -> the token method
+METHODS = {("hwnas", 0.0): UccMethod, **{("hwnas", share): (lambda share=share: RedundantFirstUcc(share))
+                                         for share in SHARES}, ("tome", None): TomeMethod}
+
+
+def main() -> None:
+    seeds = [int(s) for s in (sys.argv[1] if len(sys.argv) > 1 else "0,1,2,3,4,5,6,7,8").split(",")]
+    out = sys.argv[2] if len(sys.argv) > 2 else "benchmarks/results/token-redundancy-cpu.json"
+    splits = load_digits_splits()
+    rows = [row for seed in seeds
+            for row in rows_of(seed, seeded_model(seed, splits), splits, METHODS, option="merge_share")]
+    summary(rows, METHODS, option="merge_share", symbol="share")
+    print(f"wrote {write_record(bench_record('token-redundancy', 'cpu', rows), out)}")
+
+
+if __name__ == "__main__":
+    main()
