@@ -34,7 +34,7 @@ class RedundantFirstUcc(UccMethod):
         self._removed = 0
 
     def reduce(self, state: TokenState, keep: int) -> TokenState:
-        self._removed = state.patches.shape[1] - keep
+        self._removed = state.patches.shape[1] - keep  # what ``scores`` gives the share of, in this cut
         return super().reduce(state, keep)
 
     def scores(self, state: TokenState) -> Tensor:
