@@ -13,7 +13,7 @@ from hwnas.pruning import token_methods
 from hwnas.pruning.token_methods import (LOW_PASS_RADIUS, TOKEN_METHODS, EvitMethod, RandomMethod, TokenState, TomeMethod,
                                          UccMethod, _random_rows, low_pass_basis, spectral_energy,
                                          token_method)
-from hwnas.pruning.tokens import apply_token_keep, keep_counts, observed_block
+from hwnas.pruning.tokens import apply_token_keep, keep_counts, log_sizes, observed_block
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_observed_block_matches_timm_and_explicit_attention(vit):
     with torch.inference_mode():
         out, attention, keys = observed_block(block, x, 1, want_attention=True, want_keys=True)
         assert torch.allclose(out, block(x), atol=1e-5)
-        ones, _, _ = observed_block(block, x, 1, size=torch.ones(2, 16))  # size 1 everywhere: no bias
+        ones, _, _ = observed_block(block, x, 1, log_sizes(torch.ones(2, 16), 1, x.dtype))  # size 1: no bias
         assert torch.allclose(ones, block(x), atol=1e-5)
         attn = block.attn
         q, k, _ = attn.qkv(block.norm1(x)).reshape(2, 17, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
@@ -77,7 +77,7 @@ def test_proportional_attention_equals_duplicated_tokens(vit):
     x = torch.randn(1, 5, vit.embed_dim)
     duplicated = torch.cat([x, x[:, 4:]], dim=1)
     with torch.inference_mode():
-        out, _, _ = observed_block(block, x, 1, size=torch.tensor([[1.0, 1.0, 1.0, 2.0]]))
+        out, _, _ = observed_block(block, x, 1, log_sizes(torch.tensor([[1.0, 1.0, 1.0, 2.0]]), 1, x.dtype))
         reference = block(duplicated)
     assert torch.allclose(out, reference[:, :5], atol=1e-5)
 
@@ -194,7 +194,8 @@ def test_each_cut_ranks_by_its_history_of_class_attention(vit, history, monkeypa
         inherited, size = cuts[0][1], cuts[0][2]
 
         def row(index, size=None):
-            return observed_block(model.blocks[index], inputs[index], 1, size, want_attention=True)[1]
+            log_size = None if size is None else log_sizes(size, 1, torch.float32)
+            return observed_block(model.blocks[index], inputs[index], 1, log_size, want_attention=True)[1]
 
         if history == "last":
             expected = [row(1), row(4, size)]
@@ -231,15 +232,18 @@ def test_spectral_energy_is_the_high_pass_residual_per_patch():
         spectral_energy(grid[:, :7], (3, 4))
 
 
+@pytest.mark.parametrize("radius", [LOW_PASS_RADIUS, 0.0, 0.375])
 @pytest.mark.parametrize("height, width", [(4, 4), (3, 5), (14, 14)])
-def test_low_pass_basis_gives_the_fft_high_pass(height, width):
+def test_low_pass_basis_gives_the_fft_high_pass(height, width, radius):
     grid = torch.randn(2, height, width, 6, dtype=torch.float64)
     fy = torch.fft.fftfreq(height, dtype=torch.float64)[:, None]
     fx = torch.fft.fftfreq(width, dtype=torch.float64)[None, :]
-    keep = ((fy ** 2 + fx ** 2).sqrt() > LOW_PASS_RADIUS).to(torch.float64)[None, :, :, None]
+    keep = ((fy ** 2 + fx ** 2).sqrt() > radius).to(torch.float64)[None, :, :, None]
     expected = torch.fft.ifft2(torch.fft.fft2(grid, dim=(1, 2)) * keep, dim=(1, 2)).real
     signal = grid.reshape(2, -1, 6).float()
-    basis = low_pass_basis(height, width)
+    basis = low_pass_basis(height, width, radius=radius)
+    torch.testing.assert_close(spectral_energy(signal, (height, width), radius),
+                               expected.reshape(2, -1, 6).float().pow(2).sum(-1), atol=1e-4, rtol=1e-4)
     assert torch.allclose(basis.T @ basis, torch.eye(basis.shape[1]), atol=1e-5)  # orthonormal
     actual = signal - basis @ (basis.T @ signal)
     assert torch.allclose(actual, expected.reshape(2, -1, 6).float(), atol=1e-5)

@@ -52,7 +52,10 @@ returns a state with ``keep`` patch tokens; prefix tokens (class, registers) alw
   at −50 % (share 0.75: 6144 right answers against 6104, at least ToMe's on 9 models of 9 against
   8) but not at −35 % (6332 against 6336, 7 of 9 against 8); chosen on seeds 1–4 (2811 / 2715
   against 2807 / 2688), it lost at −35 % on seeds 5–8 (2816 against 2824). It would also add
-  ToMe's similarity matmul to every cut, so UCC does not use it.
+  ToMe's similarity matmul to every cut, so UCC does not use it. The low-pass radius, checked on
+  the same nine models (``benchmarks/token_radius.py``, ``token-radius-cpu-xeon-2threads.json``;
+  their grid is 4×4): 0.25 scores 6336 / 6104 at −35 % / −50 %, removing the grid mean alone (0)
+  6319 / 6065, the diagonal harmonics too (0.375) 6319 / 6101, up to the Nyquist axes (0.5) 6322 / 6095.
 * ``tome``: ToMe's bipartite soft matching (training-free): alternate tokens form two sets, each
   token of A its most similar of B, the most similar pairs are merged (size-weighted mean),
   repeated until ``keep`` remain (the keys are merged too when another round follows);
@@ -278,7 +281,7 @@ def token_method(name: str, **options) -> TokenMethod:
         raise HwnasError(f"unknown token method '{name}' (known: {', '.join(TOKEN_METHODS)})") from None
 
 
-def spectral_energy(patches: Tensor, grid: tuple[int, int]) -> Tensor:
+def spectral_energy(patches: Tensor, grid: tuple[int, int], radius: float = LOW_PASS_RADIUS) -> Tensor:
     """Per patch token [B, P] (token p is patch p of ``grid``), the energy of its high-pass residual (fp32).
 
     With U the low-pass basis [P, r] (``low_pass_basis``) the grid signal x has the residual
@@ -288,7 +291,7 @@ def spectral_energy(patches: Tensor, grid: tuple[int, int]) -> Tensor:
     in fp32.
     """
     x = patches if patches.is_cuda else patches.float()
-    basis = low_pass_basis(*grid, str(x.device), x.dtype)  # U [P, r]
+    basis = low_pass_basis(*grid, str(x.device), x.dtype, radius)  # U [P, r]
     if x.shape[1] != basis.shape[0]:
         raise ValueError(f"spectral_energy needs one token per patch of the {grid[0]}x{grid[1]} grid, got {x.shape[1]}")
     residual = torch.baddbmm(x, basis.expand(len(x), -1, -1), basis.T @ x, alpha=-1)
@@ -297,11 +300,12 @@ def spectral_energy(patches: Tensor, grid: tuple[int, int]) -> Tensor:
 
 @functools.lru_cache(maxsize=16)
 @setup_work
-def low_pass_basis(height: int, width: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
+def low_pass_basis(height: int, width: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                   radius: float = LOW_PASS_RADIUS) -> Tensor:
     """An orthonormal basis [P, r] (P = H·W) of the grid signals that have only low frequencies.
 
-    The low-pass filter (2-D FFT, keep the frequencies of radius ≤ ``LOW_PASS_RADIUS``
-    cycles/patch, inverse FFT) is an orthogonal projection, so the high-pass residual of a grid
+    The low-pass filter (2-D FFT, keep the frequencies of radius ≤ ``radius`` cycles/patch,
+    inverse FFT) is an orthogonal projection, so the high-pass residual of a grid
     signal x is ``x - U Uᵀ x``: two thin matmuls (r = 37 of P = 196 on a 14×14 grid) instead of the
     dense [P, P] filter or two FFTs, which on small grids are mostly launch and copy overhead.
     Built once per grid by filtering every unit impulse.
@@ -311,7 +315,7 @@ def low_pass_basis(height: int, width: int, device: str = "cpu", dtype: torch.dt
         impulses = torch.eye(positions, dtype=torch.float64).reshape(positions, height, width)
         fy = torch.fft.fftfreq(height, dtype=torch.float64)[:, None]
         fx = torch.fft.rfftfreq(width, dtype=torch.float64)[None, :]
-        keep = ((fy ** 2 + fx ** 2).sqrt() <= LOW_PASS_RADIUS).to(torch.float64)
+        keep = ((fy ** 2 + fx ** 2).sqrt() <= radius).to(torch.float64)
         low_pass = torch.fft.irfft2(torch.fft.rfft2(impulses) * keep, s=(height, width)).reshape(positions, positions)
         eigenvalues, eigenvectors = torch.linalg.eigh((low_pass + low_pass.T) / 2)  # eigenvalues are 0 or 1
         return eigenvectors[:, eigenvalues > 0.5].contiguous().to(device, dtype)

@@ -54,17 +54,19 @@ class TokenKeepBlocks(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = TokenState(x=x, prefix=self.num_prefix_tokens, grid=self.grid)
+        log_size = None  # the proportional-attention bias: the sizes change at the cuts only
         for block, keep, observes, returns_keys, size_bias in zip(self, self.prune_to, self.observes, self.returns_keys,
                                                                   self.size_bias):
             if keep is not None:
                 state = self.method.reduce(state, keep)
+                log_size = log_sizes(state.size, self.num_prefix_tokens, x.dtype) if size_bias else None
             if observes or size_bias:
-                size = state.size if size_bias else None
                 want_attention = observes and self.method.needs_attention
                 running = self.method.running_attention(state) if want_attention else None
                 out, attention, keys = observed_block(
-                    block, state.x, self.num_prefix_tokens, size, want_attention=want_attention,
-                    want_keys=returns_keys, attention_into=running, use_triton=self.method.use_triton)
+                    block, state.x, self.num_prefix_tokens, log_size if size_bias else None,
+                    want_attention=want_attention, want_keys=returns_keys, attention_into=running,
+                    use_triton=self.method.use_triton)
                 state = self.method.observe(state, attention, keys) if observes else state
                 state = replace(state, x=out)
             else:
@@ -72,13 +74,19 @@ class TokenKeepBlocks(nn.Sequential):
         return state.x
 
 
-def observed_block(block: nn.Module, x: torch.Tensor, num_prefix_tokens: int, size: torch.Tensor | None = None,
+def log_sizes(size: torch.Tensor, num_prefix_tokens: int, dtype: torch.dtype) -> torch.Tensor:
+    """The proportional-attention bias ``[B, T]`` in ``dtype``: ``log size`` of each patch token
+    (``size [B, N]``), 0 for the prefix tokens (they stand for themselves)."""
+    return F.pad(size.log(), (num_prefix_tokens, 0)).to(dtype)
+
+
+def observed_block(block: nn.Module, x: torch.Tensor, num_prefix_tokens: int, log_size: torch.Tensor | None = None,
                    want_attention: bool = False, want_keys: bool = False, attention_into: torch.Tensor | None = None,
                    use_triton: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Run a timm ``Block``, optionally with proportional attention, and return what it saw.
 
-    ``size [B, N]`` (patch tokens; prefix tokens count 1) adds ``log size`` to the attention
-    logits of every key. Returns the block output, the class token's attention to each patch
+    ``log_size [B, T]`` (``log_sizes``: how many patches each token stands for) is added to the
+    attention logits of every key. Returns the block output, the class token's attention to each patch
     token averaged over heads ``[B, N]`` (or None) and the patch tokens' keys averaged over heads
     ``[B, N, head_dim]`` (or None). With ``attention_into [B, N]`` (a running sum) the attention
     is added to it in place, and it is what is returned. ``use_triton`` is the class-attention
@@ -91,7 +99,6 @@ def observed_block(block: nn.Module, x: torch.Tensor, num_prefix_tokens: int, si
     qkv = attn.qkv(h).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    log_size = None if size is None else torch.cat([size.new_ones(batch, num_prefix_tokens), size], dim=1).log()
     bias = None if log_size is None else log_size.to(q.dtype)[:, None, None, :]
     attention = (class_attention(q, k, attn.scale, log_size, use_triton, skip=num_prefix_tokens, out=attention_into)
                  if want_attention else None)

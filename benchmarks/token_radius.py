@@ -1,0 +1,55 @@
+"""The low-pass radius of UCC's spectral score, on seeded digits DeiTs: the data behind ``LOW_PASS_RADIUS``.
+
+    PYTHONPATH=src python3 benchmarks/token_radius.py [SEEDS] [OUT.json]   # default 0,1,...,8
+
+A token's spectral score is the energy of its high-pass residual over the patch grid: what is
+left once the frequencies of radius ≤ r cycles/patch are removed. The digits DeiT has a 4×4 grid,
+where the radii of ``RADII`` give every distinct filter up to the Nyquist axes: r = 0 removes the
+grid mean alone, 0.25 (``LOW_PASS_RADIUS``) also the first harmonic along each axis, 0.375 the
+diagonal ones too, 0.5 the Nyquist axes as well. Runs the schedule family of ``search bench
+tokens`` with UCC at each radius and with ToMe on the models of ``token_seeds.py`` (the same
+cached weights) and prints, per point and method, the sum over seeds of each model's best
+schedule and over all schedules. Writes every count to OUT (default
+benchmarks/results/token-radius-cpu.json).
+"""
+import sys
+from dataclasses import replace
+
+from hwnas.bench.record import bench_record, write_record
+from hwnas.models.digits import load_digits_splits
+from hwnas.pruning.token_methods import LOW_PASS_RADIUS, TokenState, TomeMethod, UccMethod, spectral_energy
+from token_seeds import rows_of, seeded_model, summary
+
+RADII = (0.0, LOW_PASS_RADIUS, 0.375, 0.5)
+
+
+class RadiusUcc(UccMethod):
+    """UCC whose spectral score removes the frequencies of radius ≤ ``radius`` instead of ``LOW_PASS_RADIUS``."""
+
+    def __init__(self, radius: float):
+        super().__init__()
+        self.radius = radius
+
+    def reduce(self, state: TokenState, keep: int) -> TokenState:
+        if state.spectral is None:  # the first cut: measured here with this radius, carried by the later cuts
+            state = replace(state, spectral=spectral_energy(state.patches, state.grid, self.radius))
+        return super().reduce(state, keep)
+
+
+#: (impl, radius or None) -> the token method
+METHODS = {**{("hwnas", radius): (lambda radius=radius: RadiusUcc(radius)) for radius in RADII},
+           ("tome", None): TomeMethod}
+
+
+def main() -> None:
+    seeds = [int(s) for s in (sys.argv[1] if len(sys.argv) > 1 else "0,1,2,3,4,5,6,7,8").split(",")]
+    out = sys.argv[2] if len(sys.argv) > 2 else "benchmarks/results/token-radius-cpu.json"
+    splits = load_digits_splits()
+    rows = [row for seed in seeds
+            for row in rows_of(seed, seeded_model(seed, splits), splits, METHODS, option="low_pass_radius")]
+    summary(rows, METHODS, option="low_pass_radius", symbol="r")
+    print(f"wrote {write_record(bench_record('token-radius', 'cpu', rows), out)}")
+
+
+if __name__ == "__main__":
+    main()
