@@ -12,13 +12,10 @@ cached weights) and prints, per point and method, the sum over seeds of each mod
 schedule and over all schedules. Writes every count to OUT (default
 benchmarks/results/token-radius-cpu.json).
 """
-import sys
 from dataclasses import replace
 
-from hwnas.bench.record import bench_record, write_record
-from hwnas.models.digits import load_digits_splits
 from hwnas.pruning.token_methods import LOW_PASS_RADIUS, TokenState, TomeMethod, UccMethod, spectral_energy
-from token_seeds import rows_of, seeded_model, summary
+from token_seeds import compare_on_seeds
 
 RADII = (0.0, LOW_PASS_RADIUS, 0.375, 0.5)
 
@@ -42,13 +39,7 @@ METHODS = {**{("hwnas", radius): (lambda radius=radius: RadiusUcc(radius)) for r
 
 
 def main() -> None:
-    seeds = [int(s) for s in (sys.argv[1] if len(sys.argv) > 1 else "0,1,2,3,4,5,6,7,8").split(",")]
-    out = sys.argv[2] if len(sys.argv) > 2 else "benchmarks/results/token-radius-cpu.json"
-    splits = load_digits_splits()
-    rows = [row for seed in seeds
-            for row in rows_of(seed, seeded_model(seed, splits), splits, METHODS, option="low_pass_radius")]
-    summary(rows, METHODS, option="low_pass_radius", symbol="r")
-    print(f"wrote {write_record(bench_record('token-radius', 'cpu', rows), out)}")
+    compare_on_seeds("token-radius", METHODS, "low_pass_radius", "r")
 
 
 if __name__ == "__main__":

@@ -12,15 +12,12 @@ of ``search bench tokens`` with UCC (share 0), each share of ``SHARES`` and ToMe
 each model's best schedule and over all schedules. The shares were compared on seeds 1–4 and the
 best checked on seeds 5–8. Writes every count to OUT (default benchmarks/results/token-redundancy-cpu.json).
 """
-import sys
 
 import torch.nn.functional as F
 from torch import Tensor
 
-from hwnas.bench.record import bench_record, write_record
-from hwnas.models.digits import load_digits_splits
 from hwnas.pruning.token_methods import TokenState, TomeMethod, UccMethod
-from token_seeds import rows_of, seeded_model, summary
+from token_seeds import compare_on_seeds
 
 SHARES = (0.25, 0.5, 0.75, 1.0)
 
@@ -56,13 +53,7 @@ METHODS = {("hwnas", 0.0): UccMethod, **{("hwnas", share): (lambda share=share: 
 
 
 def main() -> None:
-    seeds = [int(s) for s in (sys.argv[1] if len(sys.argv) > 1 else "0,1,2,3,4,5,6,7,8").split(",")]
-    out = sys.argv[2] if len(sys.argv) > 2 else "benchmarks/results/token-redundancy-cpu.json"
-    splits = load_digits_splits()
-    rows = [row for seed in seeds
-            for row in rows_of(seed, seeded_model(seed, splits), splits, METHODS, option="merge_share")]
-    summary(rows, METHODS, option="merge_share", symbol="share")
-    print(f"wrote {write_record(bench_record('token-redundancy', 'cpu', rows), out)}")
+    compare_on_seeds("token-redundancy", METHODS, "merge_share", "share")
 
 
 if __name__ == "__main__":

@@ -86,13 +86,19 @@ def summary(rows: list[dict], methods=METHODS, option: str = "spectral_weight", 
             print(f"  {name:14s} {sum(per_seed):6d} {per_seed} / {total[(target, impl, value)]}")
 
 
-def main() -> None:
+def compare_on_seeds(bench: str, methods, option: str, symbol: str) -> None:
+    """The command line of the seeded comparisons, ``[SEEDS] [OUT.json]``: ``methods`` on each seed's model,
+    the summary printed, every row written to OUT (default benchmarks/results/BENCH-cpu.json)."""
     seeds = [int(s) for s in (sys.argv[1] if len(sys.argv) > 1 else "0,1,2,3,4,5,6,7,8").split(",")]
-    out = sys.argv[2] if len(sys.argv) > 2 else "benchmarks/results/token-seeds-cpu.json"
+    out = sys.argv[2] if len(sys.argv) > 2 else f"benchmarks/results/{bench}-cpu.json"
     splits = load_digits_splits()
-    rows = [row for seed in seeds for row in rows_of(seed, seeded_model(seed, splits), splits)]
-    summary(rows)
-    print(f"wrote {write_record(bench_record('token-seeds', 'cpu', rows), out)}")
+    rows = [row for seed in seeds for row in rows_of(seed, seeded_model(seed, splits), splits, methods, option)]
+    summary(rows, methods, option, symbol)
+    print(f"wrote {write_record(bench_record(bench, 'cpu', rows), out)}")
+
+
+def main() -> None:
+    compare_on_seeds("token-seeds", METHODS, "spectral_weight", "β")
 
 
 if __name__ == "__main__":
