@@ -54,7 +54,7 @@ class TokenKeepBlocks(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = TokenState(x=x, prefix=self.num_prefix_tokens, grid=self.grid)
-        log_size = None  # the proportional-attention bias: the sizes change at the cuts only
+        log_size = None  # the proportional-attention bias from the first cut on: the sizes change at the cuts only
         for block, keep, observes, returns_keys, size_bias in zip(self, self.prune_to, self.observes, self.returns_keys,
                                                                   self.size_bias):
             if keep is not None:
@@ -64,9 +64,8 @@ class TokenKeepBlocks(nn.Sequential):
                 want_attention = observes and self.method.needs_attention
                 running = self.method.running_attention(state) if want_attention else None
                 out, attention, keys = observed_block(
-                    block, state.x, self.num_prefix_tokens, log_size if size_bias else None,
-                    want_attention=want_attention, want_keys=returns_keys, attention_into=running,
-                    use_triton=self.method.use_triton)
+                    block, state.x, self.num_prefix_tokens, log_size, want_attention=want_attention,
+                    want_keys=returns_keys, attention_into=running, use_triton=self.method.use_triton)
                 state = self.method.observe(state, attention, keys) if observes else state
                 state = replace(state, x=out)
             else:
