@@ -16,6 +16,7 @@ best checked on seeds 5–8. Writes every count to OUT (default benchmarks/resul
 import torch.nn.functional as F
 from torch import Tensor
 
+from hwnas.kernels.descending_order import descending_order, mixed_scores
 from hwnas.pruning.token_methods import TokenState, TomeMethod, UccMethod
 from token_seeds import compare_on_seeds
 
@@ -31,13 +32,15 @@ class RedundantFirstUcc(UccMethod):
         self._removed = 0
 
     def reduce(self, state: TokenState, keep: int) -> TokenState:
-        self._removed = state.patches.shape[1] - keep  # what ``scores`` gives the share of, in this cut
+        self._removed = state.patches.shape[1] - keep  # what ``ranking`` gives the share of, in this cut
         return super().reduce(state, keep)
 
-    def scores(self, state: TokenState) -> Tensor:
-        scores = super().scores(state)
+    def ranking(self, state: TokenState) -> Tensor:
         count = round(self.share * self._removed)
-        return redundant_last(scores, F.normalize(state.keys, dim=-1), count) if count else scores
+        if not count:
+            return super().ranking(state)
+        scores = mixed_scores(state.attention_sum, state.spectral, self.spectral_weight)
+        return descending_order(redundant_last(scores, F.normalize(state.keys, dim=-1), count), self.use_triton)
 
 
 def redundant_last(scores: Tensor, metric: Tensor, count: int) -> Tensor:

@@ -82,14 +82,14 @@ def test_block_sparse_layers_cost_their_kept_blocks_or_the_faster_dense_path(kin
 
 @pytest.fixture(scope="module")
 def ucc_vit() -> nn.Module:
-    """A 16-patch ViT whose UCC cut at block 1 runs every token kernel (gather, fused scatter-add, ranking,
+    """A 16-patch ViT whose UCC cut at block 1 runs every token kernel (gather, fused scatter-add, mixed ranking,
     class attention) and its cached spectral basis."""
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=3,
                               num_classes=4).eval()
     return apply_token_keep(model, {1: 0.5}, "ucc")
 
 
-KERNELS = {"gather_rows", "scatter_add_rows_", "descending_order", "class_attention"}
+KERNELS = {"gather_rows", "scatter_add_rows_", "mixed_descending_order", "class_attention"}
 
 
 def test_a_gpu_trace_counts_each_token_kernel_as_one_launch(ucc_vit):

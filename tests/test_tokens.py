@@ -318,7 +318,7 @@ def test_a_cut_hands_its_methods_kernel_switch_to_every_kernel(monkeypatch, meth
     if use_triton:
         _skip_without_triton_interpreter()
     switches = []
-    for name in ("gather_rows", "scatter_add_rows_", "descending_order"):
+    for name in ("gather_rows", "scatter_add_rows_", "descending_order", "mixed_descending_order"):
         def recorded(*args, kernel=getattr(token_methods, name), **kwargs):
             switches.append(inspect.signature(kernel).bind(*args, **kwargs).arguments.get("use_triton"))
             return kernel(*args, **kwargs)

@@ -66,8 +66,8 @@ returns a state with ``keep`` patch tokens; prefix tokens (class, registers) alw
 
 The gather of kept tokens and the weighted scatter-add of fused ones run on the Triton kernels
 of ``hwnas.kernels.gather_scatter`` on CUDA (torch indexing on the CPU and under autograd), and so
-does UCC's ranking (``hwnas.kernels.descending_order``) and its class-attention row
-(``hwnas.kernels.class_attention``).
+does UCC's ranking, its score mixed in the same launch (``hwnas.kernels.descending_order``), and
+its class-attention row (``hwnas.kernels.class_attention``).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hwnas.errors import HwnasError
-from hwnas.kernels.descending_order import descending_order
+from hwnas.kernels.descending_order import descending_order, mixed_descending_order, scaled_to_one
 from hwnas.kernels.gather_scatter import gather_rows, scatter_add_rows_
 from hwnas.kernels.launches import setup_work
 
@@ -183,22 +183,22 @@ class UccMethod(TokenMethod):
             return replace(state, attention_sum=attention, keys=keys)
         return replace(state, attention=attention, keys=keys)
 
-    def scores(self, state: TokenState) -> Tensor:
-        """The combined score of every patch token [B, N] (each part sums to one per image).
+    def ranking(self, state: TokenState) -> Tensor:
+        """The patch tokens best first [B, N] by the combined score (each part scaled to sum to one per image).
 
-        Normalised per image, the accumulated sum ranks as the running mean does.
+        Scaled per image, the accumulated sum ranks as the running mean does. On CUDA one kernel mixes and ranks.
         """
-        spatial = _normalised(state.attention_sum if self.cumulative else state.attention)
+        spatial = state.attention_sum if self.cumulative else state.attention
         if self.spectral_weight == 0.0:
-            return spatial
-        return torch.lerp(spatial, _normalised(state.spectral), self.spectral_weight)
+            return descending_order(scaled_to_one(spatial), self.use_triton)
+        return mixed_descending_order(spatial, state.spectral, self.spectral_weight, self.use_triton)
 
     def reduce(self, state: TokenState, keep: int) -> TokenState:
         if self.spectral_weight > 0.0 and state.spectral is None:  # the first cut: the tokens are the grid's patches
             state = replace(state, spectral=spectral_energy(state.patches, state.grid))
         # the kept tokens, best first, then the pruned ones: every per-token table is gathered once. Past the
         # position embedding a ViT's blocks do not see token order, so the kept ones need no sort back
-        order = descending_order(self.scores(state), self.use_triton)
+        order = self.ranking(state)
         keys = gather_rows(F.normalize(state.keys, dim=-1), order, self.use_triton)
         target = (keys[:, keep:] @ keys[:, :keep].transpose(1, 2)).max(dim=-1).indices  # most similar kept token [B, P]
         rows = gather_rows(state.patches, order, self.use_triton)
@@ -319,11 +319,6 @@ def low_pass_basis(height: int, width: int, device: str = "cpu", dtype: torch.dt
         low_pass = torch.fft.irfft2(torch.fft.rfft2(impulses) * keep, s=(height, width)).reshape(positions, positions)
         eigenvalues, eigenvectors = torch.linalg.eigh((low_pass + low_pass.T) / 2)  # eigenvalues are 0 or 1
         return eigenvectors[:, eigenvalues > 0.5].contiguous().to(device, dtype)
-
-
-def _normalised(score: Tensor) -> Tensor:
-    """A non-negative fp32 score [B, N] scaled to sum to one per image."""
-    return score / score.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 def _inherited(score: Tensor, order: Tensor, keep: int, target: Tensor) -> Tensor:
