@@ -2,6 +2,7 @@
 # The GPU benchmarks in one prepared command, for a session lent a GPU machine (the device tool).
 #
 #   bash benchmarks/gpu.sh [BENCH...]        # default: kernels models tokens
+#   bash benchmarks/gpu.sh tests tokens      # the kernel tests on CUDA first (log: tests-GPU.log)
 #
 # Runs from the repository root on a machine that has torch, triton, timm, rich, pyyaml,
 # safetensors, scikit-learn and nvidia-ml-py but not hwnas itself, nor optuna, pymoo, ray or
@@ -30,11 +31,22 @@ else
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.draw --format=csv || true
 fi
 
+# the tests of the Triton kernels and the token methods that use them: on CUDA they run the kernels there
+kernel_tests=(tests/test_block_sparse.py tests/test_class_attention.py tests/test_descending_order.py
+              tests/test_gather_scatter.py tests/test_tokens.py)
+
 status=0
 benches=("$@")
 [ ${#benches[@]} -eq 0 ] && benches=(kernels models tokens)
 for bench in "${benches[@]}"; do
   echo "== bench $bench on $device ($name), $(date -u +%H:%M:%S)"
+  if [ "$bench" = tests ]; then  # on the CPU dry run, the kernels under the Triton interpreter
+    [ "$device" = cpu ] && export TRITON_INTERPRET=1
+    timeout "${BENCH_TIMEOUT:-0}" python3 -m pytest -q -ra -p no:cacheprovider "${kernel_tests[@]}" 2>&1 \
+      | tee "$out/tests-$name.log" || status=1
+    unset TRITON_INTERPRET
+    continue
+  fi
   timeout "${BENCH_TIMEOUT:-0}" python3 -m hwnas bench "$bench" --device "$device" "${quick[@]}" --json "$out/$bench-$name.json" || status=1
 done
 exit $status
