@@ -56,6 +56,12 @@ returns a state with ``keep`` patch tokens; prefix tokens (class, registers) alw
   the same nine models (``benchmarks/token_radius.py``, ``token-radius-cpu-xeon-2threads.json``;
   their grid is 4×4): 0.25 scores 6336 / 6104 at −35 % / −50 %, removing the grid mean alone (0)
   6319 / 6065, the diagonal harmonics too (0.375) 6319 / 6101, up to the Nyquist axes (0.5) 6322 / 6095.
+  Fusing by the cosine of the token features instead of the keys (``benchmarks/token_similarity.py``,
+  ``token-similarity-cpu-xeon-2threads.json``, the same nine models) scores 6334 / 6158 (best
+  schedules; 31493 / 30052 over all schedules, against 31315 / 29645 for the keys): better at −50 %
+  on the seeds it was tried on (1–4) and on those held out (0, 5–8: 3452 against 3416), not at
+  −35 % on the held-out ones (3522 against 3529, seed 8 below ToMe), and its similarity products
+  would be C/D = 6–12x larger on deit_small/base, so UCC keeps the keys, as ToMe does.
 * ``tome``: ToMe's bipartite soft matching (training-free): alternate tokens form two sets, each
   token of A its most similar of B, the most similar pairs are merged (size-weighted mean),
   repeated until ``keep`` remain (the keys are merged too when another round follows);
@@ -193,14 +199,18 @@ class UccMethod(TokenMethod):
             return descending_order(scaled_to_one(spatial), self.use_triton)
         return mixed_descending_order(spatial, state.spectral, self.spectral_weight, self.use_triton)
 
+    def similarity_metric(self, state: TokenState) -> Tensor:
+        """The unit vectors [B, N, D] whose dot products say which kept token a pruned one is most like: the keys."""
+        return F.normalize(state.keys, dim=-1)
+
     def reduce(self, state: TokenState, keep: int) -> TokenState:
         if self.spectral_weight > 0.0 and state.spectral is None:  # the first cut: the tokens are the grid's patches
             state = replace(state, spectral=spectral_energy(state.patches, state.grid))
         # the kept tokens, best first, then the pruned ones: every per-token table is gathered once. Past the
         # position embedding a ViT's blocks do not see token order, so the kept ones need no sort back
         order = self.ranking(state)
-        keys = gather_rows(F.normalize(state.keys, dim=-1), order, self.use_triton)
-        target = (keys[:, keep:] @ keys[:, :keep].transpose(1, 2)).max(dim=-1).indices  # most similar kept token [B, P]
+        metric = gather_rows(self.similarity_metric(state), order, self.use_triton)
+        target = (metric[:, keep:] @ metric[:, :keep].transpose(1, 2)).max(dim=-1).indices  # most similar kept token [B, P]
         rows = gather_rows(state.patches, order, self.use_triton)
         size = None if state.size is None else state.size.gather(1, order)
         merged, merged_size = _fuse(rows, size, keep, target, self.use_triton)
