@@ -40,11 +40,11 @@ benches=("$@")
 [ ${#benches[@]} -eq 0 ] && benches=(kernels models tokens)
 for bench in "${benches[@]}"; do
   echo "== bench $bench on $device ($name), $(date -u +%H:%M:%S)"
-  if [ "$bench" = tests ]; then  # on the CPU dry run, the kernels under the Triton interpreter
-    [ "$device" = cpu ] && export TRITON_INTERPRET=1
-    timeout "${BENCH_TIMEOUT:-0}" python3 -m pytest -q -ra -p no:cacheprovider "${kernel_tests[@]}" 2>&1 \
-      | tee "$out/tests-$name.log" || status=1
-    unset TRITON_INTERPRET
+  if [ "$bench" = tests ]; then
+    interpret=()  # on the CPU dry run, the kernels under the Triton interpreter
+    [ "$device" = cpu ] && interpret=(TRITON_INTERPRET=1)
+    env "${interpret[@]}" timeout "${BENCH_TIMEOUT:-0}" python3 -m pytest -q -ra -p no:cacheprovider \
+      "${kernel_tests[@]}" 2>&1 | tee "$out/tests-$name.log" || status=1
     continue
   fi
   timeout "${BENCH_TIMEOUT:-0}" python3 -m hwnas bench "$bench" --device "$device" "${quick[@]}" --json "$out/$bench-$name.json" || status=1
