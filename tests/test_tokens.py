@@ -9,6 +9,7 @@ import timm
 import torch
 
 from hwnas.errors import HwnasError
+from hwnas.hwprofiles.predictor import trace_ops
 from hwnas.pruning import token_methods
 from hwnas.pruning.token_methods import (LOW_PASS_RADIUS, TOKEN_METHODS, EvitMethod, RandomMethod, TokenState, TomeMethod,
                                          UccMethod, _random_rows, low_pass_basis, spectral_energy,
@@ -385,3 +386,13 @@ def test_spectral_energy_in_half_precision_on_cuda():
     got = spectral_energy(patches.cuda().half(), (14, 14))
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.cpu(), expected, rtol=2e-2, atol=1e-2)
+
+
+def test_ucc_runs_no_more_gpu_operators_than_tome(vit):
+    """UCC's bookkeeping (scores, ranking, the sums it carries through fusion) costs no more launches than ToMe's
+    bipartite matching: each cut's per-token sums move as one table, its score is mixed inside the ranking kernel."""
+    schedule = {3: 0.5, 6: 0.25, 9: 0.125}  # ToMe merges in one round per cut, as on deit_small at −50 % FLOPs
+    x = torch.zeros(2, 3, 64, 64)
+    launches = {name: len(trace_ops(apply_token_keep(copy.deepcopy(vit), schedule, name), x, one_launch_kernels=True))
+                for name in ("ucc", "tome")}
+    assert launches["ucc"] <= launches["tome"], launches

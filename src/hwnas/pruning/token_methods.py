@@ -212,10 +212,8 @@ class UccMethod(TokenMethod):
         metric = gather_rows(self.similarity_metric(state), order, self.use_triton)
         target = (metric[:, keep:] @ metric[:, :keep].transpose(1, 2)).max(dim=-1).indices  # most similar kept token [B, P]
         rows = gather_rows(state.patches, order, self.use_triton)
-        size = None if state.size is None else state.size.gather(1, order)
-        merged, merged_size = _fuse(rows, size, keep, target, self.use_triton)
-        history = None if state.attention_sum is None else _inherited(state.attention_sum, order, keep, target)
-        spectral = None if state.spectral is None else _inherited(state.spectral, order, keep, target)
+        size, merged_size, history, spectral = _carried_through_cut(state, order, keep, target)
+        merged = _fuse(rows, size, merged_size, keep, target, self.use_triton)
         return state.with_patches(merged, size=merged_size, attention_sum=history, spectral=spectral, keys=None,
                                   attention=None)
 
@@ -331,10 +329,24 @@ def low_pass_basis(height: int, width: int, device: str = "cpu", dtype: torch.dt
         return eigenvectors[:, eigenvalues > 0.5].contiguous().to(device, dtype)
 
 
-def _inherited(score: Tensor, order: Tensor, keep: int, target: Tensor) -> Tensor:
-    """Per-token ``score [B, N]`` after a cut: each kept token's own plus that of the tokens fused into it."""
-    score = score.gather(1, order)
-    return score[:, :keep].scatter_add(1, target, score[:, keep:])
+def _carried_through_cut(state: TokenState, order: Tensor, keep: int, target: Tensor
+                         ) -> tuple[Tensor | None, Tensor, Tensor | None, Tensor | None]:
+    """The per-token sums a UCC cut carries through fusion (size, accumulated attention, spectral energy), moved
+    as one table [K, B, N]: one gather puts them in ``order``, one scatter-add gives each kept token its own plus
+    those of the tokens fused into it (where one gather and one scatter-add per sum did).
+
+    Returns the sizes in ``order`` [B, N] (None while every token is one patch), then, after the cut, [B, keep]:
+    the sizes, the attention sums and the spectral energies (None where the state has none).
+    """
+    size = state.size if state.size is not None else order.new_ones(order.shape, dtype=torch.float32)
+    sums = [size] + [t for t in (state.attention_sum, state.spectral) if t is not None]
+    table = torch.stack(sums).gather(2, order.expand(len(sums), -1, -1))
+    merged = table[..., :keep].scatter_add(2, target.expand(len(sums), -1, -1), table[..., keep:])
+    history = None if state.attention_sum is None else merged[1]
+    if history is not None and torch.is_grad_enabled():  # later blocks add to it in place, which autograd forbids
+        history = history.clone()                          # on storage that the sizes' saved views share
+    spectral = None if state.spectral is None else merged[-1]
+    return (None if state.size is None else table[0]), merged[0], history, spectral
 
 
 def _sizes(state: TokenState, patches: Tensor) -> Tensor:
@@ -343,24 +355,21 @@ def _sizes(state: TokenState, patches: Tensor) -> Tensor:
     return patches.new_ones(patches.shape[:2], dtype=torch.float32)
 
 
-def _fuse(rows: Tensor, size: Tensor | None, keep: int, target: Tensor, use_triton: bool | None
-          ) -> tuple[Tensor, Tensor]:
-    """The first ``keep`` of ``rows [B, N, C]`` as size-weighted means with the others fused into them:
-    (tokens, sizes). ``rows`` is consumed (its kept part accumulates in place).
+def _fuse(rows: Tensor, size: Tensor | None, merged_size: Tensor, keep: int, target: Tensor,
+          use_triton: bool | None) -> Tensor:
+    """The first ``keep`` of ``rows [B, N, C]`` as size-weighted means with the others fused into them.
+    ``rows`` is consumed (its kept part accumulates in place).
 
-    ``size [B, N]`` is how many patches each row stands for (None: one each); ``target [B, N - keep]``
-    the kept row each other row joins.
+    ``size [B, N]`` is how many patches each row stands for (None: one each), ``merged_size [B, keep]``
+    how many the kept rows stand for after the fusion; ``target [B, N - keep]`` the kept row each other row joins.
     """
     kept, pruned = rows[:, :keep], rows[:, keep:]
     if size is None:
         scatter_add_rows_(kept, target, pruned, use_triton=use_triton)
-        ones = rows.new_ones(target.shape, dtype=torch.float32)
-        merged_size = ones.new_ones(kept.shape[:2]).scatter_add_(1, target, ones)
     else:
         kept = kept * size[:, :keep, None].to(rows.dtype)
         scatter_add_rows_(kept, target, pruned, size[:, keep:].to(rows.dtype), use_triton)
-        merged_size = size[:, :keep].scatter_add(1, target, size[:, keep:])
-    return kept / merged_size[..., None].to(rows.dtype), merged_size
+    return kept / merged_size[..., None].to(rows.dtype)
 
 
 def _bipartite_merge(patches: Tensor, size: Tensor, keys: Tensor, remove: int, use_triton: bool | None,
