@@ -42,7 +42,13 @@ returns a state with ``keep`` patch tokens; prefix tokens (class, registers) alw
   its score relative to the weakest kept one (2868), a softmax over similarities instead of the
   most similar token (≤ 2870), the spectral energy of the attention keys (mean over heads, 6–12x
   cheaper than the features) at β = 0.1, 0.2, 0.3, 0.5 (≤ 2862), or of the features through a fixed
-  random projection to 32 or 64 channels (2869–2876). Measuring the spectral energy again at every
+  random projection to 32 or 64 channels (2869–2876). At β = 0.8, on nine seeded models
+  (``benchmarks/token_spectral_signal.py``, ``token-spectral-signal-cpu-xeon-2threads.json``), the
+  keys score 6328 / 6123 at −35 % / −50 % against the features' 6336 / 6104 (best schedules;
+  31354 / 29764 over all schedules against 31315 / 29645), better at −50 % and worse at −35 % on
+  the held-out seeds 0, 5–8 (3516 against 3529), at least ToMe's at −35 % on 6 models of 9 against
+  8; they would save 0.85 ms of deit_small's 1.0 ms spectral filter at batch 8 on a 2-core Xeon,
+  yet UCC keeps the features. Measuring the spectral energy again at every
   cut, with each fused token painted back onto the patches it covers, scored 2823 against 2831 for
   measuring it once (on the weights trained on an Intel Xeon, with every block's attention; 7582
   against 7581 on all 720 held-out images) and took 0.85–1.0 ms more per later cut on deit_small at
