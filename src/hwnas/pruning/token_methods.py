@@ -339,13 +339,12 @@ def _carried_through_cut(state: TokenState, order: Tensor, keep: int, target: Te
                          ) -> tuple[Tensor | None, Tensor, Tensor | None, Tensor | None]:
     """The per-token sums a UCC cut carries through fusion (size, accumulated attention, spectral energy), moved
     as one table [K, B, N]: one gather puts them in ``order``, one scatter-add gives each kept token its own plus
-    those of the tokens fused into it (where one gather and one scatter-add per sum did).
+    those of the tokens fused into it.
 
     Returns the sizes in ``order`` [B, N] (None while every token is one patch), then, after the cut, [B, keep]:
     the sizes, the attention sums and the spectral energies (None where the state has none).
     """
-    size = state.size if state.size is not None else order.new_ones(order.shape, dtype=torch.float32)
-    sums = [size] + [t for t in (state.attention_sum, state.spectral) if t is not None]
+    sums = [_sizes(state, state.patches)] + [t for t in (state.attention_sum, state.spectral) if t is not None]
     table = torch.stack(sums).gather(2, order.expand(len(sums), -1, -1))
     merged = table[..., :keep].scatter_add(2, target.expand(len(sums), -1, -1), table[..., keep:])
     history = None if state.attention_sum is None else merged[1]
