@@ -5,69 +5,60 @@ returns a state with ``keep`` patch tokens; prefix tokens (class, registers) alw
 
 * ``ucc`` (hwnas's method, after UCC): each token's score is ``(1 - β)·spatial + β·spectral``.
   *Spatial* is the class token's attention to it, averaged over heads and accumulated down the
-  cascade (``history``): each cut adds the attention of the block before it to the sum a token
-  carries from the earlier cuts (a fused token inherits what it absorbed), so from the second cut
-  on a token's fate rests on its history, not on one block. ``history="blocks"`` (the method
-  ``ucc-blocks``) adds every block from the first instead, a running mean from block 0. On the
-  digits DeiT it scores no better (7581 correct over the 720 held-out images × 11 schedules of
-  ``bench tokens``, against 7589 for the cuts; 2831 each on the calibration split) and it is
-  slower: it reads the class-attention row in every block before the last cut, where ``cuts`` reads
-  it in the blocks ToMe reads its keys in (deit_small at −50 % FLOPs, cuts at blocks 3, 6, 9, on a
-  2-core Xeon, paired against ToMe in ``tokens-cpu-xeon-2threads.json``: ``blocks`` 0.96x / 0.97x
-  at batch 1 / 8, ``cuts`` 0.98x / 0.99x). ``history="last"``, the block before the cut alone, is
-  an ablation. *Spectral* is its high-frequency energy, measured once, at the first cut, while the
-  tokens are still the patches of the grid: a 2-D FFT filter over the grid (applied as a
-  projection, ``low_pass_basis``) removes the frequencies of radius ≤ ``LOW_PASS_RADIUS``
+  cascade (``history="cuts"``): each cut adds the attention of the block before it to the sum a
+  token carries from the earlier cuts (a fused token inherits what it absorbed), so from the second
+  cut on a token's fate rests on its history, not on one block. ``history="blocks"`` (the method
+  ``ucc-blocks``) adds every block from the first instead; ``history="last"``, the block before the
+  cut alone, is an ablation. *Spectral* is its high-frequency energy, measured once, at the first
+  cut, while the tokens are still the patches of the grid: a 2-D FFT filter over the grid (applied
+  as a projection, ``low_pass_basis``) removes the frequencies of radius ≤ ``LOW_PASS_RADIUS``
   cycles/patch, and a token's energy is that of its residual — tokens on edges and strokes score
   high, flat background low. Both parts are normalised to sum to one per image and mixed with
-  β = ``SPECTRAL_WEIGHT`` = 0.8 (a space can set or search it: the ``spectral_weight``
-  transform). β was chosen on digits DeiTs trained from seeds 1–4 (``benchmarks/token_seeds.py``,
-  ``token-seeds-cpu-xeon-2threads.json``), by each model's best schedule at −35 %/−50 % FLOPs
-  (the ``bench tokens`` criterion, 720 held-out images): 0.7, 0.8, 0.9 score 5490–5495 correct,
-  attention alone (0) 5420, spectral alone (1) 5479, the earlier 0.3 5469, ToMe 5459. On four
-  more seeds (5–8), held out from the choice, 0.8 scores 2824 / 2727 at −35 % / −50 % against
-  2807 / 2715 for 0.3, and beats ToMe (2809 / 2701) on each of the four at both points, where
-  0.3 loses to it twice at −35 %. Which β is best differs from model to model (on the built-in,
-  trained on an Intel Xeon, 0–1 all score within 6 images of each other). On nine models trained
-  on an AMD EPYC (seeds 0–8, ``token-seeds-cpu-epyc-2threads.json``) 0.8 scores 6319 / 6110 at
-  −35 % / −50 %, ToMe 6316 / 6088, 0.3 6312 / 6104, attention alone 6281 / 6066. Until hwnas
-  0.2.0, β was 0.3; exports of those versions load with it.
+  β = ``SPECTRAL_WEIGHT`` (a space can set or search it: the ``spectral_weight`` transform; until
+  hwnas 0.2.0 β was 0.3, and exports of those versions load with it).
 
   The best ``keep`` tokens are kept and every pruned token is fused into its most similar kept token
   (cosine of attention keys): a size-weighted mean, and the kept token inherits the pruned one's
   accumulated attention and spectral energy, so the cascade remembers what a fused token absorbed.
   Later blocks use proportional attention (``+ log size`` on the keys), so a fused token counts for
-  what it holds. Variants measured worse or no better than β = 0.3 (2876 correct on the calibration
-  split of the built-in trained on an AMD EPYC, 11 schedules): weighing a pruned token by
-  its score relative to the weakest kept one (2868), a softmax over similarities instead of the
-  most similar token (≤ 2870), the spectral energy of the attention keys (mean over heads, 6–12x
-  cheaper than the features) at β = 0.1, 0.2, 0.3, 0.5 (≤ 2862), or of the features through a fixed
-  random projection to 32 or 64 channels (2869–2876). At β = 0.8, on nine seeded models
-  (``benchmarks/token_spectral_signal.py``, ``token-spectral-signal-cpu-xeon-2threads.json``), the
-  keys score 6328 / 6123 at −35 % / −50 % against the features' 6336 / 6104 (best schedules;
-  31354 / 29764 over all schedules against 31315 / 29645), better at −50 % and worse at −35 % on
-  the held-out seeds 0, 5–8 (3516 against 3529), at least ToMe's at −35 % on 6 models of 9 against
-  8; they would save 0.85 ms of deit_small's 1.0 ms spectral filter at batch 8 on a 2-core Xeon,
-  yet UCC keeps the features. Measuring the spectral energy again at every
-  cut, with each fused token painted back onto the patches it covers, scored 2823 against 2831 for
-  measuring it once (on the weights trained on an Intel Xeon, with every block's attention; 7582
-  against 7581 on all 720 held-out images) and took 0.85–1.0 ms more per later cut on deit_small at
-  batch 8. Redundancy-aware selection, which gives a share of each cut's removals to ToMe's choice
-  of the most redundant tokens before the lowest scores (``benchmarks/token_redundancy.py``,
-  ``token-redundancy-cpu-xeon-2threads.json``: nine seeded models, best schedule per model), helps
-  at −50 % (share 0.75: 6144 right answers against 6104, at least ToMe's on 9 models of 9 against
-  8) but not at −35 % (6332 against 6336, 7 of 9 against 8); chosen on seeds 1–4 (2811 / 2715
-  against 2807 / 2688), it lost at −35 % on seeds 5–8 (2816 against 2824). It would also add
-  ToMe's similarity matmul to every cut, so UCC does not use it. The low-pass radius, checked on
-  the same nine models (``benchmarks/token_radius.py``, ``token-radius-cpu-xeon-2threads.json``;
-  their grid is 4×4): 0.25 scores 6336 / 6104 at −35 % / −50 %, removing the grid mean alone (0)
-  6319 / 6065, the diagonal harmonics too (0.375) 6319 / 6101, up to the Nyquist axes (0.5) 6322 / 6095.
-  Fusing by the cosine of the token features instead of the keys (``benchmarks/token_similarity.py``,
-  ``token-similarity-cpu-xeon-2threads.json``, the same nine models) scores 6334 / 6158 (best
-  schedules; 31493 / 30052 over all schedules, against 31315 / 29645 for the keys): better at −50 %
-  on the seeds it was tried on (1–4) and on those held out (0, 5–8: 3452 against 3416), not at
-  −35 % on the held-out ones (3522 against 3529, seed 8 below ToMe), and its similarity products
-  would be C/D = 6–12x larger on deit_small/base, so UCC keeps the keys, as ToMe does.
+  what it holds.
+
+  Each choice was measured against its alternatives on digits DeiTs, in right answers on the 720
+  held-out images by each model's best schedule at −35 % / −50 % FLOPs (the ``bench tokens``
+  criterion), mostly on the nine models of ``benchmarks/token_seeds.py`` (seeds 0–8, trained on an
+  Intel Xeon; each choice made on seeds 1–4 and checked on the others). Records are under
+  ``benchmarks/results/`` (``*-cpu-xeon-2threads.json``), the scripts under ``benchmarks/``:
+
+  - β = 0.8 (``token_seeds.py``): 6336 / 6104, ToMe 6313 / 6049, β = 0.3 6312 / 6075, attention
+    alone 6283 / 6016, spectral alone 6321 / 6095. Chosen on seeds 1–4 (both points summed: 0.7–0.9
+    5490–5495, 0.3 5469, attention alone 5420, spectral alone 5479, ToMe 5459); on seeds 5–8 0.8
+    scores 2824 / 2727, 0.3 2807 / 2715, ToMe 2809 / 2701. On nine models trained on an AMD EPYC:
+    0.8 6319 / 6110, ToMe 6316 / 6088, 0.3 6312 / 6104, attention alone 6281 / 6066. Which β is best
+    differs from model to model (on the built-in trained on an Intel Xeon, 0–1 all score within 6
+    images of each other).
+  - The history ``cuts``, not ``blocks`` (the built-in, 11 schedules: 7589 against 7581 right answers):
+    as accurate and cheaper, as it reads the class-attention row only in the blocks before its cuts
+    (deit_small at −50 %, 2-core Xeon, paired against ToMe: 0.98x / 0.99x at batch 1 / 8, against
+    0.96x / 0.97x).
+  - ``LOW_PASS_RADIUS`` = 0.25 (``token_radius.py``, on the 4×4 grid): 6336 / 6104, against the grid
+    mean alone (0) 6319 / 6065, the diagonal harmonics too (0.375) 6319 / 6101, up to the Nyquist
+    axes (0.5) 6322 / 6095.
+  - The spectral energy of the features, measured once. Of the attention keys, 6–12x narrower
+    (``token_spectral_signal.py``): 6328 / 6123, worse at −35 % on the held-out seeds (3516 against
+    3529), at least ToMe's there on 6 models of 9 against 8. Measured again at every cut, each fused
+    token painted back onto the patches it covers (the built-in, every block's attention): 7582
+    against 7581 over 11 schedules, and 0.85–1.0 ms more per later cut on deit_small at batch 8.
+  - Fusing by the keys, as ToMe does. By the features (``token_similarity.py``): 6334 / 6158, better at
+    −50 % but not at −35 % on the held-out seeds (3522 against 3529), with similarity products 6–12x
+    larger on deit_small/base.
+  - Selecting by score alone. Redundancy-aware selection, a share of each cut's removals given to
+    ToMe's most redundant tokens first (``token_redundancy.py``, share 0.75): 6332 / 6144; it lost at
+    −35 % on the held-out seeds 5–8 (2816 against 2824) and adds ToMe's similarity matmul to every cut.
+  - No better on one model (the built-in trained on an AMD EPYC, calibration split, β = 0.3: 2876
+    over 11 schedules): weighing a pruned token by its score relative to the weakest kept one
+    (2868), a softmax over similarities instead of the most similar token (≤ 2870), the keys'
+    spectral energy at β ≤ 0.5 (≤ 2862), the features' through a fixed random projection to 32 or
+    64 channels (2869–2876).
 * ``tome``: ToMe's bipartite soft matching (training-free): alternate tokens form two sets, each
   token of A its most similar of B, the most similar pairs are merged (size-weighted mean),
   repeated until ``keep`` remain (the keys are merged too when another round follows);
