@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu.sh [BENCH...]        # default: kernels models tokens
 #   bash benchmarks/gpu.sh tests tokens      # the kernel tests on CUDA first (log: tests-GPU.log)
+#   bash benchmarks/gpu.sh tests tokens profile   # then UCC's and ToMe's kernels (token-profile-GPU.json)
 #
 # Runs from the repository root on a machine that has torch, triton, timm, rich, pyyaml,
 # safetensors, scikit-learn and nvidia-ml-py but not hwnas itself, nor optuna, pymoo, ray or
@@ -45,6 +46,11 @@ for bench in "${benches[@]}"; do
     [ "$device" = cpu ] && interpret=(TRITON_INTERPRET=1)
     env "${interpret[@]}" timeout "${BENCH_TIMEOUT:-0}" python3 -m pytest -q -ra -p no:cacheprovider \
       "${kernel_tests[@]}" 2>&1 | tee "$out/tests-$name.log" || status=1
+    continue
+  fi
+  if [ "$bench" = profile ]; then  # benchmarks/token_profile.py: where UCC's and ToMe's forwards spend their time
+    timeout "${BENCH_TIMEOUT:-0}" python3 benchmarks/token_profile.py --device "$device" \
+      --json "$out/token-profile-$name.json" || status=1
     continue
   fi
   timeout "${BENCH_TIMEOUT:-0}" python3 -m hwnas bench "$bench" --device "$device" "${quick[@]}" --json "$out/$bench-$name.json" || status=1

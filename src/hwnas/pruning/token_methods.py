@@ -44,7 +44,7 @@ returns a state with ``keep`` patch tokens; prefix tokens (class, registers) alw
     mean alone (0) 6319 / 6065, the diagonal harmonics too (0.375) 6319 / 6101, up to the Nyquist
     axes (0.5) 6322 / 6095.
   - The spectral energy of the features, measured once. Of the attention keys, 6–12x narrower
-    (``token_spectral_signal.py``): 6328 / 6123, worse at −35 % on the held-out seeds (3516 against
+    (``token_spectral_signal.py``, β = 0.8): 6328 / 6123, worse at −35 % on the held-out seeds (3516 against
     3529), at least ToMe's there on 6 models of 9 against 8. Measured again at every cut, each fused
     token painted back onto the patches it covers (the built-in, every block's attention): 7582
     against 7581 over 11 schedules, and 0.85–1.0 ms more per later cut on deit_small at batch 8.
