@@ -70,19 +70,22 @@ def rows(device: torch.device, forwards: int) -> list[dict]:
             for impl, method in METHODS.items():
                 model = apply_token_keep(copy.deepcopy(dense), keep, method).to(device, dtype)
                 profiles[impl] = kernel_times(model, x, forwards)
-                metrics = {"launches_per_forward": sum(k["launches"] for k in profiles[impl].values()),
-                           "busy_ms_per_forward": sum(k["ms"] for k in profiles[impl].values()),
-                           "kernels": profiles[impl]}
+                launches, busy_ms = totals(profiles[impl])
+                metrics = {"launches_per_forward": launches, "busy_ms_per_forward": busy_ms, "kernels": profiles[impl]}
                 results.append(result_row(case, impl, None, metrics))
             print_difference(case, profiles)
     return results
 
 
+def totals(kernels: dict[str, dict[str, float]]) -> tuple[float, float]:
+    """Launches and busy milliseconds per forward, over all kernels."""
+    return sum(k["launches"] for k in kernels.values()), sum(k["ms"] for k in kernels.values())
+
+
 def print_difference(case: dict, profiles: dict[str, dict[str, dict[str, float]]], most: int = 12) -> None:
     """The case's totals and the kernels whose time per forward differs most between UCC and ToMe."""
     ucc, tome = profiles["hwnas"], profiles["tome"]
-    total = {impl: (sum(k["launches"] for k in p.values()), sum(k["ms"] for k in p.values()))
-             for impl, p in profiles.items()}
+    total = {impl: totals(kernels) for impl, kernels in profiles.items()}
     print(f"{case['model']} batch {case['batch']} {case['dtype']}: UCC {total['hwnas'][0]:.0f} launches "
           f"{total['hwnas'][1]:.3f} ms busy, ToMe {total['tome'][0]:.0f} launches {total['tome'][1]:.3f} ms busy")
     none = {"launches": 0.0, "ms": 0.0}
