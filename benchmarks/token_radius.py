@@ -12,7 +12,7 @@ cached weights) and prints, per point and method, the sum over seeds of each mod
 schedule and over all schedules. Writes every count to OUT (default
 benchmarks/results/token-radius-cpu.json).
 """
-from dataclasses import replace
+from torch import Tensor
 
 from hwnas.pruning.token_methods import LOW_PASS_RADIUS, TokenState, TomeMethod, UccMethod, spectral_energy
 from token_seeds import compare_on_seeds
@@ -27,10 +27,8 @@ class RadiusUcc(UccMethod):
         super().__init__()
         self.radius = radius
 
-    def reduce(self, state: TokenState, keep: int) -> TokenState:
-        if state.spectral is None:  # the first cut: measured here with this radius, carried by the later cuts
-            state = replace(state, spectral=spectral_energy(state.patches, state.grid, self.radius))
-        return super().reduce(state, keep)
+    def spectral_score(self, state: TokenState) -> Tensor:
+        return spectral_energy(state.patches, state.grid, self.radius)
 
 
 #: (impl, radius or None) -> the token method

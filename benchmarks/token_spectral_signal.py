@@ -12,7 +12,7 @@ same cached weights) and prints, per point and method, the sum over seeds of eac
 schedule and over all schedules. Writes every count to OUT (default
 benchmarks/results/token-spectral-signal-cpu.json).
 """
-from dataclasses import replace
+from torch import Tensor
 
 from hwnas.pruning.token_methods import SPECTRAL_WEIGHT, TokenState, TomeMethod, UccMethod, spectral_energy
 from token_seeds import compare_on_seeds
@@ -21,10 +21,8 @@ from token_seeds import compare_on_seeds
 class KeysSpectralUcc(UccMethod):
     """UCC whose spectral score filters the attention keys of the block before the first cut, not the features."""
 
-    def reduce(self, state: TokenState, keep: int) -> TokenState:
-        if self.spectral_weight > 0.0 and state.spectral is None:  # the first cut; later cuts carry it
-            state = replace(state, spectral=spectral_energy(state.keys, state.grid))
-        return super().reduce(state, keep)
+    def spectral_score(self, state: TokenState) -> Tensor:
+        return spectral_energy(state.keys, state.grid)
 
 
 #: (impl, "signal β") -> the token method

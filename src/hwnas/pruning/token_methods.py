@@ -196,13 +196,18 @@ class UccMethod(TokenMethod):
             return descending_order(scaled_to_one(spatial), self.use_triton)
         return mixed_descending_order(spatial, state.spectral, self.spectral_weight, self.use_triton)
 
+    def spectral_score(self, state: TokenState) -> Tensor:
+        """Each patch token's high-frequency energy [B, N], taken at the first cut (the tokens are the grid's patches)
+        from the token features; later cuts carry it through fusion."""
+        return spectral_energy(state.patches, state.grid)
+
     def similarity_metric(self, state: TokenState) -> Tensor:
         """The unit vectors [B, N, D] whose dot products say which kept token a pruned one is most like: the keys."""
         return F.normalize(state.keys, dim=-1)
 
     def reduce(self, state: TokenState, keep: int) -> TokenState:
         if self.spectral_weight > 0.0 and state.spectral is None:  # the first cut: the tokens are the grid's patches
-            state = replace(state, spectral=spectral_energy(state.patches, state.grid))
+            state = replace(state, spectral=self.spectral_score(state))
         # the kept tokens, best first, then the pruned ones: every per-token table is gathered once. Past the
         # position embedding a ViT's blocks do not see token order, so the kept ones need no sort back
         order = self.ranking(state)
