@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import copy
 
-import timm
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from hwnas.bench.record import bench_record, result_row, write_record
-from hwnas.bench.tokens import TIMING_CUTS, TIMING_MODELS, TIMING_POINTS, schedule_for_flops
+from hwnas.bench.tokens import latency_cases
 from hwnas.pruning.tokens import apply_token_keep
 
 METHODS = {"hwnas": "ucc", "tome": "tome"}
@@ -57,23 +56,16 @@ def kernel_times(model: torch.nn.Module, x: torch.Tensor, forwards: int) -> dict
 
 def rows(device: torch.device, forwards: int) -> list[dict]:
     results = []
-    for name in TIMING_MODELS:
-        torch.manual_seed(0)
-        dense = timm.create_model(name, pretrained=False).eval()
-        keep, reduction = schedule_for_flops(dense, TIMING_CUTS, 0.5, (3, 224, 224))
-        for batch, dtype in TIMING_POINTS[device.type]:
-            x = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
-            case = {"model": name, "batch": batch, "dtype": str(dtype).removeprefix("torch."), "flops_reduction": 0.5,
-                    "measured_flops_reduction": round(reduction, 4), "forwards": forwards,
-                    "schedule": f"keep {keep[TIMING_CUTS[0]]} at {list(TIMING_CUTS)}"}
-            profiles = {}
-            for impl, method in METHODS.items():
-                model = apply_token_keep(copy.deepcopy(dense), keep, method).to(device, dtype)
-                profiles[impl] = kernel_times(model, x, forwards)
-                launches, busy_ms = totals(profiles[impl])
-                metrics = {"launches_per_forward": launches, "busy_ms_per_forward": busy_ms, "kernels": profiles[impl]}
-                results.append(result_row(case, impl, None, metrics))
-            print_difference(case, profiles)
+    for dense, keep, x, case in latency_cases(device):
+        case = {**case, "forwards": forwards}
+        profiles = {}
+        for impl, method in METHODS.items():
+            model = apply_token_keep(copy.deepcopy(dense), keep, method).to(x.device, x.dtype)
+            profiles[impl] = kernel_times(model, x, forwards)
+            launches, busy_ms = totals(profiles[impl])
+            metrics = {"launches_per_forward": launches, "busy_ms_per_forward": busy_ms, "kernels": profiles[impl]}
+            results.append(result_row(case, impl, None, metrics))
+        print_difference(case, profiles)
     return results
 
 

@@ -135,28 +135,33 @@ def accuracy_rows(device: str = "cpu", quick: bool = False) -> list[dict]:
     return rows
 
 
-def latency_rows(device: str = "cpu", quick: bool = False) -> list[dict]:
-    device = torch.device(device)
-    rows = []
+def latency_cases(device: torch.device, quick: bool = False):
+    """The latency cases on ``device``: per model and (batch, dtype) point, (dense model, keep schedule at −50 %
+    FLOPs, input, case). The dense model is one object per model: callers copy it."""
     for name in TIMING_MODELS[:1] if quick else TIMING_MODELS:
         torch.manual_seed(0)
         dense = timm.create_model(name, pretrained=False).eval()
         keep, reduction = schedule_for_flops(dense, TIMING_CUTS, 0.5, (3, 224, 224))
-        variants = {"dense": dense}
-        variants.update({impl: apply_token_keep(copy.deepcopy(dense), keep, method) for impl, method in TIMED.items()})
         for batch, dtype in TIMING_POINTS[device.type]:
-            models = {impl: copy.deepcopy(model).to(device, dtype) for impl, model in variants.items()}
             x = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
             case = {"model": name, "batch": batch, "dtype": str(dtype).removeprefix("torch."), "flops_reduction": 0.5,
                     "measured_flops_reduction": round(reduction, 4),
                     "schedule": f"keep {keep[TIMING_CUTS[0]]} at {list(TIMING_CUTS)}"}
-            calls = {impl: functools.partial(model, x) for impl, model in models.items()}
-            if device.type == "cuda":  # the GPU's time, not Python's launch overhead
-                calls = {impl: cuda_graph_replay(call, device) for impl, call in calls.items()}
-            timings = measure_side_by_side(calls, device, warmup=3, rounds=5 if quick else ROUNDS[batch])
-            samples = {impl: timing.samples_ms for impl, timing in timings.items()}
-            for impl, timing in timings.items():
-                rows.append(result_row(case, impl, timing, speedups(samples, impl)))
+            yield dense, keep, x, case
+
+
+def latency_rows(device: str = "cpu", quick: bool = False) -> list[dict]:
+    rows = []
+    for dense, keep, x, case in latency_cases(torch.device(device), quick):
+        pruned = {impl: apply_token_keep(copy.deepcopy(dense), keep, method) for impl, method in TIMED.items()}
+        models = {impl: model.to(x.device, x.dtype) for impl, model in {"dense": copy.deepcopy(dense), **pruned}.items()}
+        calls = {impl: functools.partial(model, x) for impl, model in models.items()}
+        if x.is_cuda:  # the GPU's time, not Python's launch overhead
+            calls = {impl: cuda_graph_replay(call, x.device) for impl, call in calls.items()}
+        timings = measure_side_by_side(calls, x.device, warmup=3, rounds=5 if quick else ROUNDS[case["batch"]])
+        samples = {impl: timing.samples_ms for impl, timing in timings.items()}
+        for impl, timing in timings.items():
+            rows.append(result_row(case, impl, timing, speedups(samples, impl)))
     return rows
 
 
