@@ -135,9 +135,20 @@ def test_images_without_labels_optimise_fidelity_by_default(capsys, tmp_path):
     _default_objectives_for(load_space(tmp_path / "space.yaml"), settings)
     assert settings.objectives == "fidelity,latency"
     assert "have no labels: optimising fidelity,latency" in capsys.readouterr().err
-    labelled = RunSettings()
-    _default_objectives_for(load_space(), labelled)  # the digits have labels
-    assert labelled.objectives == "accuracy,latency"
+
+
+def test_a_space_timed_beside_dense_optimises_that_ratio_by_default():
+    from hwnas.cli import _default_objectives_for
+    from hwnas.search.study import RunSettings
+    from hwnas.spaces import load_space, space_from_dict
+
+    default = load_space()  # the digits have labels; each candidate is timed beside dense
+    settings = RunSettings()
+    _default_objectives_for(default, settings)
+    assert settings.objectives == "accuracy,latency_vs_dense"
+    alone = RunSettings()
+    _default_objectives_for(space_from_dict({**default.source, "measure": {"versus_dense": False}}), alone)
+    assert alone.objectives == "accuracy,latency"
 
 
 @pytest.mark.parametrize("command", ["export", "finetune"])

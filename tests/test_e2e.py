@@ -191,4 +191,6 @@ def test_demo_run_prints_a_front_of_at_least_3_points(tmp_path):
     result = search("run", "--out", str(tmp_path / "demo"))
     assert result.returncode == 0, result.stderr
     assert "Pareto front" in result.stdout
-    assert len(json.loads((tmp_path / "demo" / "pareto.json").read_text())["points"]) >= 3
+    front = json.loads((tmp_path / "demo" / "pareto.json").read_text())
+    assert front["objectives"] == {"accuracy": "max", "latency_ms_vs_dense": "min"}  # immune to the machine's drift
+    assert len(front["points"]) >= 3

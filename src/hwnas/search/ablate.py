@@ -2,7 +2,8 @@
 
 Each technique of SPACE (``TECHNIQUES``: block sparsity, token keep, window ratios) gets a study of
 the space restricted to its dimensions, under ``OUT/<technique>``, and the whole space one under
-``OUT/joint``: same optimizer, seed and objectives (accuracy and latency on this machine). Each
+``OUT/joint``: same optimizer, seed and objectives (accuracy and latency on this machine, as its ratio
+to the dense model's where the space measures ``versus_dense``). Each
 technique's study runs the given trials and the joint one their sum, what the union of the single
 fronts cost, so joint and union are compared at one budget. An existing study there is reused and
 resumed. The front points of all of them, and the dense model (which every space reaches), are then
@@ -29,14 +30,13 @@ from hwnas.errors import HwnasError
 from hwnas.hwprofiles.latency import Timing, device_name, measure_side_by_side
 from hwnas.progress import transient_progress
 from hwnas.pruning.apply import TECHNIQUES, apply_config
-from hwnas.search.objectives import parse_objectives
+from hwnas.search.objectives import latency_objective, parse_objectives
 from hwnas.search.pareto import Record, hypervolume, pareto_front
 from hwnas.search.runner import run_study
 from hwnas.search.study import RunSettings, StudyDir, read_pareto
 from hwnas.spaces import Space, config_hash, load_space
 
-OBJECTIVE_NAMES = "accuracy,latency"
-OBJECTIVES = parse_objectives(OBJECTIVE_NAMES)
+OBJECTIVES = parse_objectives("accuracy,latency")  # of the fronts re-measured side by side
 JOINT, UNION, DENSE = "joint", "union", "dense"
 #: the plot's second panel shows accuracies this many points below dense (where a deployable point lies)
 ZOOM_POINTS = 3.0
@@ -134,7 +134,7 @@ def ablate(space: Space, out: str | Path, settings: RunSettings, rounds: int = 1
     sources = technique_sources(space)
     for name, source in sources.items():
         trials = settings.trials * (len(sources) - 1) if name == JOINT else settings.trials
-        study_settings = replace(settings, objectives=OBJECTIVE_NAMES, trials=trials)
+        study_settings = replace(settings, objectives=f"accuracy,{latency_objective(space.measure)}", trials=trials)
         study_dir = StudyDir.reuse_or_create(Path(out) / name, load_space(source), study_settings)
         console.print(f"[bold]{name}[/]: {', '.join(study_dir.space.transforms())}")
         run_study(study_dir, console, progress)

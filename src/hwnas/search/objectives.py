@@ -66,6 +66,13 @@ class Objective:
         return -value if self.direction == "max" else value
 
 
+def latency_objective(measure: dict) -> str:
+    """The latency objective a space's measurement serves best: ``latency_vs_dense`` where it times each
+    candidate beside the dense model (``measure: {versus_dense: true}``, as the default space does), else
+    ``latency``."""
+    return "latency_vs_dense" if measure.get("versus_dense") else "latency"
+
+
 def parse_objectives(text: str) -> list[Objective]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if len(names) < 1:
