@@ -1,7 +1,8 @@
 """``search bench joint``: block sparsity alone, token keep alone, and both searched jointly.
 
 ``search ablate`` on the default space (the digits DeiT): nsga2, ``TRIALS`` trials per technique
-and their sum for the joint study, seed 0, accuracy and latency on this device, every front point
+and their sum for the joint study, seed 0, accuracy and latency on this device (each study minimises its
+ratio to the dense model's, timed beside it, as the default space measures), every front point
 built once and timed side by side in ``ROUNDS`` shuffled rounds of one call each. Rows
 (``hwnas.search.ablate.Ablation.rows``): ``impl`` is the space (``block``, ``tokens``, ``joint``,
 ``dense``); ``case`` the space, trial and configuration; the timing is the median over rounds;
