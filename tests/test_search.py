@@ -16,7 +16,7 @@ from hwnas.evaluators.pool import Outcome
 from hwnas.search.objectives import Objective
 from hwnas.search.optimizers import PymooNSGA2
 from hwnas.search.pareto import DENSE_TRIAL, Record, pareto_front
-from hwnas.search.report import speedup, zoom_limits
+from hwnas.search.report import BOTH_LATENCIES, front_table, speedup, zoom_limits
 from hwnas.search.runner import Interrupted, SearchRun
 from hwnas.search.study import RunSettings, StudyDir
 from hwnas.spaces import config_hash, space_from_dict
@@ -303,3 +303,13 @@ def test_the_plot_zooms_on_the_front_along_the_axis_that_collapsed_candidates_st
     x_limits, y_limits = zoom_limits(front + near + [collapsed], front, dense, "accuracy", "latency_ms")
     assert x_limits is None  # latency is not stretched: its axis stays whole
     assert y_limits == pytest.approx((0.973 - 0.0025, 0.978 + 0.0025))  # the front and dense, padded by half their span
+
+
+def test_a_front_with_both_latencies_says_why_they_can_disagree():
+    dense = {"accuracy": 0.98, "latency_ms": 40.0}
+    point = {"trial": 3, "config": {"keep.1": 0.5}, "metrics": {"accuracy": 0.97, "latency_ms": 61.0}}
+    document = {"device": "cpu", "baseline": {"config": {"keep.1": 1.0}, "metrics": dense}, "points": [point]}
+    assert front_table(document).caption is None  # milliseconds alone: nothing to reconcile
+    document["baseline"]["metrics"] = {**dense, "latency_ms_vs_dense": 1.0}
+    point["metrics"]["latency_ms_vs_dense"] = 0.85  # the machine slowed meanwhile
+    assert front_table(document).caption == BOTH_LATENCIES

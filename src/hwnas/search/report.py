@@ -17,6 +17,9 @@ TABLE_METRICS = ("accuracy", "fidelity_kl", "latency_ms", "latency_ms_vs_dense",
                  "energy_mj_above_idle", "energy_mj_predicted", "flops", "params")
 #: ``pareto.png`` adds a row zoomed on the front when the trials spread this many times wider than it
 ZOOM_SPREAD = 3.0
+#: under a front with both latencies, why they can disagree
+BOTH_LATENCIES = ("latency_ms: timed when its trial ran; latency_ms_vs_dense: timed beside the dense model in the "
+                  "same rounds, so the machine's drift between trials does not move it")
 
 
 def pareto_document(study_dir, records: list[Record], baseline: dict) -> dict:
@@ -82,7 +85,8 @@ def front_table(document: dict, title: str | None = None) -> Table:
     """A rich table of the front in ``document`` (a parsed pareto.json), baseline first."""
     base = document["baseline"]["metrics"]
     metrics = [m for m in TABLE_METRICS if m in base]
-    table = Table(title=title or f"Pareto front · {document.get('device')}", title_justify="left")
+    table = Table(title=title or f"Pareto front · {document.get('device')}", title_justify="left",
+                  caption=_latencies_note(metrics), caption_justify="left")
     table.add_column("trial", justify="right")
     for metric in metrics:
         table.add_column(metric, justify="right")
@@ -94,6 +98,10 @@ def front_table(document: dict, title: str | None = None) -> Table:
         table.add_row(str(point["trial"]), *[format_metric(k, m[k]) for k in metrics], f"{speedup(m, base):.2f}x",
                       _short_config(point["config"], document["baseline"]["config"]))
     return table
+
+
+def _latencies_note(metrics: list[str]) -> str | None:
+    return BOTH_LATENCIES if {"latency_ms", LATENCY_VS_DENSE} <= set(metrics) else None
 
 
 def speedup(metrics: dict, base: dict) -> float:
@@ -143,6 +151,8 @@ def write_report(study_dir, records: list[Record], front: list[Record], baseline
     for r in front:
         lines.append(f"| {r.trial} | " + " | ".join(format_metric(m, r.metrics[m]) for m in metrics)
                      + f" | {_short_config(r.config, baseline['config'])} |")
+    if note := _latencies_note(metrics):
+        lines += ["", f"{note}."]
     if plot:
         lines += ["", f"![Pareto front]({plot.name})"]
     lines += ["", f"Explore every trial: `optuna-dashboard sqlite:///{(study_dir.path / 'study.db').resolve()}`", ""]
