@@ -30,6 +30,9 @@ def test_constraints_and_accuracy_drop_relative_to_baseline():
     ("latency", "expected KEY=VALUE"),
     ("speed=5ms", "unknown budget 'speed'"),
     ("latency=5mJ", "malformed budget"),
+    ("latency=0ms", "'latency=0ms' can never be met"),
+    ("flops=0G", "'flops=0G' can never be met"),
+    ("accuracy_drop=200%", "more than the whole accuracy"),
     ("latency=5ms,latency=4ms", "given twice"),
 ])
 def test_malformed_budgets(text, message):

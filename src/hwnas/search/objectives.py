@@ -136,7 +136,12 @@ def parse_budget(text: str | None) -> Budget:
         if metric in limits:
             raise HwnasError(f"budget '{key}' given twice")
         number = float(match.group(1))
-        limits[metric] = number / 100 if unit == "%" else number * units[unit]  # 95 / 100 is exact, 95 * 0.01 not
+        limit = number / 100 if unit == "%" else number * units[unit]  # 95 / 100 is exact, 95 * 0.01 not
+        if limit == 0 and metric not in ("accuracy_drop", "fidelity_kl"):
+            raise HwnasError(f"budget '{item}' can never be met: give a limit above 0")
+        if metric == "accuracy_drop" and limit > 1:
+            raise HwnasError(f"budget '{item}' allows a drop of more than the whole accuracy: give at most 100%")
+        limits[metric] = limit
     return Budget(limits)
 
 
