@@ -85,6 +85,12 @@ def test_energy_without_a_counter_fails_before_the_study_exists(capsys, tmp_path
     ("name: x\nmodel: deit_tiny_patch16_224\n"
      "dimensions:\n - {name: k, transform: token_keep, targets: [1], values: [0.5, 1.0]}",
      "has no default data: give data: {imagefolder: DIR}"),
+    ("name: x\nmodel: digits-deit\ndata: {path: /some/folder}\n"
+     "dimensions:\n - {name: k, transform: token_keep, targets: [1], values: [0.5, 1.0]}",
+     "data.path: unknown key (allowed: calib_fraction, imagefolder, labels, max_images, name)"),
+    ("name: x\nmodel: {name: digits-deit, weights: w.safetensors}\n"
+     "dimensions:\n - {name: k, transform: token_keep, targets: [1], values: [0.5, 1.0]}",
+     "model.weights: unknown key (allowed: checkpoint, kwargs, name)"),
 ])
 def test_bad_space_files(capsys, tmp_path, text, expected):
     space = tmp_path / "space.yaml"

@@ -75,8 +75,9 @@ def test_torch_checkpoints_load_with_weights_only(user_files, tmp_path):
     assert torch.equal(model.head.weight, state["head.weight"])
 
     torch.save({"state_dict": Payload()}, tmp_path / "evil.pth")
-    with pytest.raises(HwnasError, match="not a readable"):
+    with pytest.raises(HwnasError, match="not a readable.*weights-only load refused") as refused:
         load_checkpoint(model, tmp_path / "evil.pth")
+    assert "weights_only" not in str(refused.value)  # torch's advice to unpickle it anyway is not passed on
 
 
 def test_a_model_without_checkpoint_is_the_same_in_every_process(user_files, capsys):

@@ -56,6 +56,15 @@ def load_model(spec: dict, progress: bool = True) -> nn.Module:
     return model
 
 
+def _reason(exc: Exception) -> str:
+    """A reader's failure in a few words: torch's weights-only refusal without its advice to unpickle anyway."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:  # its first sentence says what the file holds that is not a tensor
+        detail = text.split("WeightsUnpickler error:")[1].split("Check the documentation")[0]
+        return "weights-only load refused: " + " ".join(detail.split()).split(". ")[0].rstrip(".")
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     """Load a safetensors file or a ``torch.save``d state dict (``weights_only=True``) into ``model``."""
     path = Path(path)
@@ -67,7 +76,8 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any reader failure is a bad file, reported in one line
-        raise HwnasError(f"checkpoint {path} is not a readable safetensors/torch state dict: {exc}") from None
+        raise HwnasError(f"checkpoint {path} is not a readable safetensors/torch state dict ({_reason(exc)}): "
+                         "save it with safetensors.torch.save_file or torch.save(model.state_dict())") from None
     if isinstance(state, dict):
         for key in ("state_dict", "model", "model_state_dict"):
             if isinstance(state.get(key), dict):

@@ -58,6 +58,8 @@ TRANSFORMS: dict[str, Any] = {
 
 _TOP_KEYS = {"name", "description", "model", "data", "measure", "dimensions"}
 _DIM_KEYS = {"name", "transform", "targets", "values", "order", "stages"}
+_MODEL_KEYS = {"name", "checkpoint", "kwargs"}
+_DATA_KEYS = {"name", "imagefolder", "labels", "calib_fraction", "max_images"}
 _MEASURE_KEYS = {"batch_size", "warmup", "repeats", "threads", "dtype", "versus_dense", "cuda_graph"}
 _MEASURE_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -125,11 +127,13 @@ def space_from_dict(data: dict, origin: str = "<mapping>") -> Space:
         model = {"name": model}
     if not isinstance(model, dict) or not isinstance(model.get("name"), str):
         raise fail("model", "expected {name: MODEL[, checkpoint: FILE, kwargs: {...}]}")
+    _check_keys(model, _MODEL_KEYS, (), lambda key, message: fail(f"model.{key}", message))
     data_spec = data.get("data", {"name": "default"})
     if isinstance(data_spec, str):
         data_spec = {"name": data_spec}
     if not isinstance(data_spec, dict):
         raise fail("data", "expected {name: default} or {imagefolder: DIR}")
+    _check_keys(data_spec, _DATA_KEYS, (), lambda key, message: fail(f"data.{key}", message))
     # a path is relative to where the space is loaded; stored absolute, the study and its exports work from anywhere
     model, data_spec = _absolute_path(model, "checkpoint"), _absolute_path(data_spec, "imagefolder")
     measure = data.get("measure") or {}
@@ -138,7 +142,7 @@ def space_from_dict(data: dict, origin: str = "<mapping>") -> Space:
     _check_measure(measure, fail)
     raw_dims = data["dimensions"]
     if not isinstance(raw_dims, list) or not raw_dims:
-        raise fail("dimensions", "expected a non-empty list")
+        raise fail("dimensions", "expected a non-empty list, one item per dimension (- name: ..., transform: ..., values: ...)")
 
     dimensions: list[Dimension] = []
     constraints: list[Monotone] = []
