@@ -145,9 +145,10 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["ctrl-c", "sigterm", "kill-9"])
 def test_stopped_driver_then_resume_finishes_without_rerunning(tmp_path, stop):
-    """Ctrl-C ends cleanly (exit 130, how to resume); kill -9 leaves the study as it was. Resume loses nothing."""
+    """Ctrl-C, or a scheduler's SIGTERM (which Ray's driver would answer with an abort), ends cleanly (exit 130, how
+    to resume); kill -9 leaves the study as it was. Resume loses nothing."""
     out = tmp_path / "study"
     process = subprocess.Popen([*SEARCH, "run", "--trials", "16", "--population", "4", "--workers", "1",
                                 "--out", str(out), "--no-progress"],
@@ -161,7 +162,7 @@ def test_stopped_driver_then_resume_finishes_without_rerunning(tmp_path, stop):
     assert process.poll() is None, process.communicate()[1]
     process.send_signal(stop)
     _, stderr = process.communicate(timeout=300)
-    if stop == signal.SIGINT:
+    if stop in (signal.SIGINT, signal.SIGTERM):
         assert process.returncode == 130, stderr
         assert "--resume" in stderr and "Traceback" not in stderr
     else:

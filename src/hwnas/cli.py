@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -128,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # a scheduler's kill (SIGTERM) stops a command as Ctrl-C does: what finished is kept, and one line says so
+    previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return COMMANDS[args.command](args)
     except HwnasError as exc:
@@ -144,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         _say(f"search: internal error: {type(exc).__name__}: {exc} (set HWNAS_DEBUG=1 for the traceback)")
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _console(stderr: bool = False) -> Console:

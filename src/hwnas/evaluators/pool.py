@@ -19,6 +19,7 @@ import itertools
 import logging
 import math
 import os
+import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -105,8 +106,11 @@ class RayPool:
         if not ray.is_initialized():
             os.environ.setdefault("RAY_DEDUP_LOGS", "0")
             _quiet_default_auth_notice()
+            sigterm = signal.getsignal(signal.SIGTERM)
             ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
                      **({} if address else {"num_cpus": os.cpu_count()}))
+            if callable(sigterm):  # the caller's own answer to SIGTERM (the CLI's: stop as Ctrl-C does), not Ray's exit
+                signal.signal(signal.SIGTERM, sigterm)
         threads = max(1, (os.cpu_count() or 1) // workers)
         gpus = 1 if device.startswith("cuda") else 0
         _check_capacity(ray, workers, threads, gpus)
