@@ -56,15 +56,6 @@ def load_model(spec: dict, progress: bool = True) -> nn.Module:
     return model
 
 
-def _reason(exc: Exception) -> str:
-    """A reader's failure in a few words: torch's weights-only refusal without its advice to unpickle anyway."""
-    text = str(exc)
-    if "WeightsUnpickler error:" in text:  # its first sentence says what the file holds that is not a tensor
-        detail = text.split("WeightsUnpickler error:")[1].split("Check the documentation")[0]
-        return "weights-only load refused: " + " ".join(detail.split()).split(". ")[0].rstrip(".")
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     """Load a safetensors file or a ``torch.save``d state dict (``weights_only=True``) into ``model``."""
     path = Path(path)
@@ -92,3 +83,12 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     if result.missing_keys or result.unexpected_keys:
         raise HwnasError(f"checkpoint {path} does not match the model: missing {result.missing_keys[:3]}, "
                          f"unexpected {result.unexpected_keys[:3]}")
+
+
+def _reason(exc: Exception) -> str:
+    """A reader's failure in a few words: torch's weights-only refusal without its advice to unpickle anyway."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:  # its first sentence says what the file holds that is not a tensor
+        detail = text.split("WeightsUnpickler error:")[1].split("Check the documentation")[0]
+        return "weights-only load refused: " + " ".join(detail.split()).split(". ")[0].rstrip(".")
+    return text.splitlines()[0] if text else type(exc).__name__
