@@ -14,6 +14,7 @@ how many models each UCC is at least ToMe.
 import json
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 from hwnas.pruning.token_methods import SPECTRAL_WEIGHT
 
@@ -27,7 +28,7 @@ def chosen_on_calibration(rows: list[dict]) -> dict:
 
 def report(path: str) -> None:
     by_method = defaultdict(list)  # (seed, target, impl, β or None) -> the rows of its schedules
-    for row in json.load(open(path))["results"]:
+    for row in json.loads(Path(path).read_text())["results"]:
         case = row["case"]
         by_method[(case["seed"], case["flops_reduction"], row["impl"], case.get("spectral_weight"))].append(row)
     seeds = sorted({key[0] for key in by_method})
