@@ -6,7 +6,13 @@ an H100 (``tokens-h100.json``, ``models-h100.json``: CUDA-graph replays) and wri
 measured and the predicted latency, and per model the speed-up over dense both ways: whether the
 prediction ranks the candidates as the device does.
 
-    python benchmarks/profile_check.py [--profile h100] [--json benchmarks/results/profile-check-h100.json]
+With ``--fit`` it also fits the profile's GEMM efficiency curve (``gemm_efficiency``,
+``gemm_saturation_gflop``, ``gemm_saturation_exponent``: how much of peak a GEMM of a given size
+reaches) to the records, by least squares of log(predicted / measured), keeping every other
+figure of the profile; and, per model, the curve fitted to the other model's rows, scored on its
+own (how well the fit carries to a model it has not seen). The shipped GPU profiles hold the fit.
+
+    python benchmarks/profile_check.py [--profile h100] [--fit] [--json benchmarks/results/profile-check-h100.json]
 """
 
 from __future__ import annotations
@@ -15,19 +21,24 @@ import argparse
 import copy
 import functools
 import json
+import math
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
+import scipy.optimize
 import timm
 import torch
 
 from hwnas.bench import tokens as bench_tokens
 from hwnas.bench.models import block_sparse_copy
-from hwnas.hwprofiles.predictor import Predictor
-from hwnas.hwprofiles.profile import load_profile
+from hwnas.hwprofiles.predictor import Predictor, trace_ops
+from hwnas.hwprofiles.profile import HardwareProfile, load_profile
 from hwnas.pruning.tokens import apply_token_keep
 
 RESULTS = Path(__file__).parent / "results"
+#: the models are traced on the CPU in fp32; the predictor rescales bytes to the predicted dtype
+TRACED_ITEMSIZE = 4
 #: the token method each impl of tokens-h100.json ran: it was recorded when UCC read every block's attention
 TOKEN_IMPLS = {"hwnas": "ucc-blocks", "tome": "tome"}
 
@@ -58,8 +69,8 @@ def measured_rows(record: str) -> list[dict]:
     return [r for r in json.loads((RESULTS / record).read_text())["results"] if "median_ms" in r]
 
 
-def check(profile_name: str) -> dict:
-    profile = load_profile(profile_name)
+def traced_rows() -> list[dict]:
+    """Every timed row of the H100 records, with the operators its model runs (traced once, on the CPU)."""
     torch.manual_seed(0)
     rows = []
     for record in ("tokens-h100.json", "models-h100.json"):
@@ -71,37 +82,85 @@ def check(profile_name: str) -> dict:
                 model = block_sparse_model(case["model"], row["impl"], case["block"], case["sparsity"])
                 group = f"{case['model']} {case['sparsity']:.0%} b{case['block']}"
             x = torch.randn(case["batch"], 3, 224, 224)
-            predicted = Predictor(profile, case["dtype"]).predict(model, x)["latency_ms_predicted"]
             rows.append({"record": record, "group": group, "impl": row["impl"], "batch": case["batch"],
-                         "dtype": case["dtype"], "measured_ms": row["median_ms"], "predicted_ms": predicted,
-                         "predicted_over_measured": predicted / row["median_ms"]})
+                         "dtype": case["dtype"], "measured_ms": row["median_ms"],
+                         "ops": trace_ops(model, x, one_launch_kernels=True)})
+    return rows
+
+
+def check(profile: HardwareProfile, rows: list[dict]) -> dict:
+    """Each row's predicted latency on ``profile`` beside the measured one, and the speed-ups over dense both ways."""
+    priced = []
     for row in rows:
-        dense = next(r for r in rows if r["record"] == row["record"] and r["group"] == row["group"]
+        predictor = Predictor(profile, row["dtype"])
+        predicted = sum(predictor.op_seconds(op, TRACED_ITEMSIZE) for op in row["ops"]) * 1e3
+        priced.append({**{k: v for k, v in row.items() if k != "ops"}, "predicted_ms": predicted,
+                       "predicted_over_measured": predicted / row["measured_ms"]})
+    for row in priced:
+        dense = next(r for r in priced if r["record"] == row["record"] and r["group"] == row["group"]
                      and r["batch"] == row["batch"] and r["impl"] == "dense")
         row["speedup_measured"] = dense["measured_ms"] / row["measured_ms"]
         row["speedup_predicted"] = dense["predicted_ms"] / row["predicted_ms"]
-    pruned = [r for r in rows if r["impl"] != "dense"]
+    pruned = [r for r in priced if r["impl"] != "dense"]
     same_side = [r for r in pruned if (r["speedup_measured"] > 1) == (r["speedup_predicted"] > 1)]
+    speedup_error = [r["speedup_predicted"] / r["speedup_measured"] for r in pruned]
     return {"profile": profile.name, "device": profile.device, "source": profile.source,
-            "rows": rows,
-            "summary": {"median_predicted_over_measured": statistics.median(r["predicted_over_measured"] for r in rows),
-                        "range_predicted_over_measured": [min(r["predicted_over_measured"] for r in rows),
-                                                          max(r["predicted_over_measured"] for r in rows)],
+            "rows": priced,
+            "summary": {"median_predicted_over_measured": statistics.median(r["predicted_over_measured"] for r in priced),
+                        "range_predicted_over_measured": [min(r["predicted_over_measured"] for r in priced),
+                                                          max(r["predicted_over_measured"] for r in priced)],
+                        "range_speedup_predicted_over_measured": [min(speedup_error), max(speedup_error)],
                         "pruned_rows": len(pruned),
                         "pruned_rows_speedup_on_the_measured_side_of_1": len(same_side)}}
+
+
+def fitted(profile: HardwareProfile, rows: list[dict]) -> HardwareProfile:
+    """``profile`` with the GEMM efficiency curve (efficiency, saturation size, exponent) that best predicts
+    ``rows``: least squares of log(predicted / measured), the launch overhead and the rest kept."""
+    def with_curve(params) -> HardwareProfile:
+        efficiency, log_saturation, exponent = params
+        return replace(profile, gemm_efficiency=float(efficiency), gemm_saturation_gflop=float(10 ** log_saturation),
+                       gemm_saturation_exponent=float(exponent))
+
+    def loss(params) -> float:
+        return sum(math.log(r["predicted_over_measured"]) ** 2 for r in check(with_curve(params), rows)["rows"])
+
+    start = (profile.gemm_efficiency, 0.0, 0.5)
+    best = scipy.optimize.minimize(loss, start, bounds=[(0.05, 1.0), (-3.0, 3.0), (0.0, 1.0)], method="L-BFGS-B")
+    return with_curve(best.x)
+
+
+def fit_report(profile: HardwareProfile, rows: list[dict]) -> dict:
+    """The curve fitted to every row, and, per model, the curve fitted to the other model's rows scored on its own."""
+    curve = ("gemm_efficiency", "gemm_saturation_gflop", "gemm_saturation_exponent")
+    models = sorted({r["group"].split()[0] for r in rows})
+    report = {"all": {k: getattr(fitted(profile, rows), k) for k in curve}, "held_out": {}}
+    for model in models:
+        trained = fitted(profile, [r for r in rows if not r["group"].startswith(model)])
+        scored = check(trained, [r for r in rows if r["group"].startswith(model)])["summary"]
+        report["held_out"][model] = {**{k: getattr(trained, k) for k in curve}, "scored_on_it": scored}
+    return report
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="h100")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--fit", action="store_true",
+                        help="also fit the profile's GEMM efficiency curve to the records, and score it on each model held out")
     args = parser.parse_args()
-    result = check(args.profile)
+    profile = load_profile(args.profile)
+    rows = traced_rows()
+    result = check(profile, rows)
+    if args.fit:
+        result["fit"] = fit_report(profile, rows)
     for r in result["rows"]:
         print(f"{r['group']:36s} {r['impl']:6s} b{r['batch']:<3d} {r['dtype']:8s} measured {r['measured_ms']:6.3f} ms "
               f"predicted {r['predicted_ms']:6.3f} ms ({r['predicted_over_measured']:.2f}x)  speed-up over dense "
               f"measured {r['speedup_measured']:.2f}x predicted {r['speedup_predicted']:.2f}x")
     print(json.dumps(result["summary"]))
+    if args.fit:
+        print(json.dumps(result["fit"], indent=1))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
 

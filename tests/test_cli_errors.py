@@ -192,6 +192,8 @@ def test_corrupted_export(capsys, tmp_path):
     ("name: x\ndevice: d\nkind: cpu\nsource: spec\n", "missing 3 required positional arguments"),
     ("name: x\ndevice: d\nkind: cpu\nsource: spec\npeak_tflops: {float16: 1}\nmemory_bandwidth_gbs: 1\n"
      "launch_overhead_us: 1\n", "hardware profile x has no peak_tflops for float32"),
+    ("name: x\ndevice: d\nkind: cpu\nsource: spec\npeak_tflops: {float32: 1}\nmemory_bandwidth_gbs: 1\n"
+     "launch_overhead_us: 1\ngemm_saturation_exponent: 2\n", "gemm_saturation_exponent in [0, 1]"),
 ])
 def test_bad_hardware_profile(capsys, tmp_path, text, expected):
     (tmp_path / "p.yaml").write_text(text)

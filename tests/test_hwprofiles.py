@@ -64,6 +64,23 @@ def test_roofline_prediction_of_a_linear_layer_by_hand():
     assert predicted["energy_mj_predicted"] == pytest.approx(seconds * 200 * 1e3 / 512)  # TDP × time, per image
 
 
+def test_a_gemm_below_the_saturation_size_reaches_less_of_peak():
+    profile = profile_from_dict(spec(gemm_saturation_gflop=1.0, gemm_saturation_exponent=0.5, launch_overhead_us=0.0,
+                                     memory_bandwidth_gbs=1e9))
+    assert profile.gemm_fraction(4e9) == profile.gemm_fraction(1e9) == 0.5
+    assert profile.gemm_fraction(0.25e9) == pytest.approx(0.5 * 0.25 ** 0.5)
+    predictor = Predictor(profile, "float32")
+    small, large = nn.Linear(256, 256), nn.Linear(1024, 1024)
+    x_small, x_large = torch.zeros(1024, 256), torch.zeros(1024, 1024)  # 0.134 and 2.15 GFLOP
+    small_ms = predictor.predict(small, x_small)["latency_ms_predicted"]
+    large_ms = predictor.predict(large, x_large)["latency_ms_predicted"]
+    small_flops = 2 * 1024 * 256 * 256
+    assert small_ms == pytest.approx(small_flops / (1e12 * 0.5 * (small_flops / 1e9) ** 0.5) * 1e3)
+    assert large_ms == pytest.approx(2 * 1024 * 1024 * 1024 / (1e12 * 0.5) * 1e3)
+    # 16x the FLOPs in about 5.9x the time: the small GEMM reaches 0.37 of the large one's rate
+    assert large_ms / small_ms == pytest.approx(16 * (small_flops / 1e9) ** 0.5)
+
+
 @pytest.mark.parametrize("kind", ["cuda", "cpu"])
 def test_block_sparse_layers_cost_their_kept_blocks_or_the_faster_dense_path(kind):
     linear = nn.Linear(512, 512)

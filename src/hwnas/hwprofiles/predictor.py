@@ -9,7 +9,8 @@ dtype. Each operator then costs the profile's launch overhead plus
   the rest (adds, gathers, copies) at the element-wise rate;
 
 where a measured profile interpolates its cost tables by size and a spec profile uses peak ×
-efficiency (FLOPs) or its memory bandwidth (bytes). A block-sparse layer is one operator of its
+efficiency (FLOPs; lower for GEMMs too small to fill the device, ``HardwareProfile.gemm_fraction``)
+or its memory bandwidth (bytes). A block-sparse layer is one operator of its
 kept FLOPs at the profile's block-sparse efficiency, or the dense GEMM where that is faster: on
 the CPU and on CUDA the runtime picks the faster path by measurement. For a GPU profile, each
 kernel function that runs as one Triton launch on CUDA (token gather/scatter, ranking, class
@@ -200,7 +201,7 @@ class Predictor:
         if points:
             return interpolate(points, size)
         if table in ("gemm", "attention"):
-            return self.profile.peak_tflops[self.dtype] * 1e12 * self.profile.gemm_efficiency
+            return self.profile.peak_tflops[self.dtype] * 1e12 * self.profile.gemm_fraction(size)
         return self.bandwidth
 
     @property

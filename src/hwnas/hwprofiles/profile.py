@@ -3,13 +3,16 @@
 A profile is a YAML file. Every profile names its ``device`` (as ``device_name`` reports it), its
 ``kind`` (cpu or cuda), peak compute per dtype (TFLOP/s), memory bandwidth (GB/s), the fixed
 cost of one operator (µs), power (W: ``tdp``, and ``idle`` where known), and how much of peak a
-GEMM and a block-sparse kernel reach. A measured profile (``search profile``) adds cost tables
-per dtype (``TABLES``): the throughput reached by linear layers (the roofline points) and by
-attention, by FLOPs; by transcendental activations and norms, and by plain element-wise
-operators, by bytes moved. The predictor interpolates them.
+GEMM and a block-sparse kernel reach. A GEMM too small to fill the device reaches less: below
+``gemm_saturation_gflop``, ``gemm_efficiency × (GFLOP / gemm_saturation_gflop) ** exponent``
+(``gemm_fraction``; at 0 every GEMM reaches ``gemm_efficiency``). A measured profile
+(``search profile``) adds cost tables per dtype (``TABLES``): the throughput reached by linear
+layers (the roofline points) and by attention, by FLOPs; by transcendental activations and
+norms, and by plain element-wise operators, by bytes moved. The predictor interpolates them.
 
 Shipped profiles (``h100``, ``h200``, ``a100``, ``cpu``) come from public specifications and
-say so; a prediction from them is labelled predicted and never presented as a measurement.
+say so (the GPU profiles' GEMM curve is fitted to H100 measurements: ``benchmarks/profile_check.py``);
+a prediction from them is labelled predicted and never presented as a measurement.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ class HardwareProfile:
     launch_overhead_us: float
     power_w: dict[str, float] = field(default_factory=dict)
     gemm_efficiency: float = 0.7
+    gemm_saturation_gflop: float = 0.0
+    gemm_saturation_exponent: float = 0.5
     block_sparse_efficiency: float = 1.0
     threads: int | None = None  # CPU threads the measurements used
     tables: dict[str, dict[str, list[CostPoint]]] = field(default_factory=dict)  # dtype -> table -> points
@@ -56,6 +61,13 @@ class HardwareProfile:
     def as_dict(self) -> dict:
         data = asdict(self)
         return {k: v for k, v in data.items() if v not in (None, {}, [])}
+
+    def gemm_fraction(self, flops: float) -> float:
+        """The fraction of peak a GEMM (or attention) of ``flops`` reaches, where no cost table says."""
+        saturation = self.gemm_saturation_gflop * 1e9
+        if flops >= saturation:
+            return self.gemm_efficiency
+        return self.gemm_efficiency * (max(flops, 1.0) / saturation) ** self.gemm_saturation_exponent
 
     def describe(self) -> str:
         return f"{self.name} ({self.device}, {self.source})"
@@ -114,6 +126,10 @@ def profile_from_dict(data: object, origin: str = "<mapping>") -> HardwareProfil
         raise HwnasError(f"{origin}: source must be one of {', '.join(SOURCES)}, not {profile.source!r}")
     if not profile.peak_tflops or profile.memory_bandwidth_gbs <= 0:
         raise HwnasError(f"{origin}: peak_tflops and a positive memory_bandwidth_gbs are required")
+    if not 0 < profile.gemm_efficiency <= 1 or profile.gemm_saturation_gflop < 0 \
+            or not 0 <= profile.gemm_saturation_exponent <= 1:
+        raise HwnasError(f"{origin}: gemm_efficiency must be in (0, 1], gemm_saturation_gflop at least 0 and "
+                         "gemm_saturation_exponent in [0, 1]")
     return profile
 
 
