@@ -4,6 +4,8 @@
 #   bash benchmarks/gpu.sh [BENCH...]        # default: kernels models tokens
 #   bash benchmarks/gpu.sh tests tokens      # the kernel tests on CUDA first (log: tests-GPU.log)
 #   bash benchmarks/gpu.sh tests tokens profile   # then UCC's and ToMe's kernels (token-profile-GPU.json)
+#   bash benchmarks/gpu.sh hwprofile         # this GPU measured into a hardware profile (profile-GPU.yaml), as
+#                                            # `search profile` does; check it here with benchmarks/profile_check.py
 #
 # Runs from the repository root on a machine that has torch, triton, timm, rich, pyyaml,
 # safetensors, scikit-learn and nvidia-ml-py but not hwnas itself, nor optuna, pymoo, ray or
@@ -46,6 +48,14 @@ for bench in "${benches[@]}"; do
     [ "$device" = cpu ] && interpret=(TRITON_INTERPRET=1)
     env "${interpret[@]}" timeout "${BENCH_TIMEOUT:-0}" python3 -m pytest -q -ra -p no:cacheprovider \
       "${kernel_tests[@]}" 2>&1 | tee "$out/tests-$name.log" || status=1
+    continue
+  fi
+  if [ "$bench" = hwprofile ]; then  # search profile's measurement, without the CLI (it needs optuna, absent there)
+    timeout "${BENCH_TIMEOUT:-0}" python3 -c 'import sys
+from hwnas.hwprofiles.measure_profile import measure_profile
+from hwnas.hwprofiles.profile import write_profile
+print(write_profile(measure_profile(sys.argv[1], quick=bool(sys.argv[3])), sys.argv[2]))' \
+      "$device" "$out/profile-$name.yaml" "${QUICK:-}" || status=1
     continue
   fi
   if [ "$bench" = profile ]; then  # benchmarks/token_profile.py: where UCC's and ToMe's forwards spend their time

@@ -1,10 +1,11 @@
-"""How far a GPU profile's predictions are from what its device measured: the committed H100 records.
+"""How far a GPU profile's predictions are from what its device measured: the committed GPU records.
 
 ``search run --hwprofile h100`` on a machine without an H100 optimises predicted latency. This
 script predicts, on the CPU, every latency that ``bench tokens`` and ``bench models`` measured on
-an H100 (``tokens-h100.json``, ``models-h100.json``: CUDA-graph replays) and writes, per row, the
-measured and the predicted latency, and per model the speed-up over dense both ways: whether the
-prediction ranks the candidates as the device does.
+a GPU (``--records h100``: ``tokens-h100.json`` and ``models-h100.json``, CUDA-graph replays) and
+writes, per row, the measured and the predicted latency, and per model the speed-up over dense
+both ways: whether the prediction ranks the candidates as the device does. ``--profile`` is a
+shipped profile or a YAML file, such as the one ``benchmarks/gpu.sh hwprofile`` measures on the GPU.
 
 With ``--fit`` it also fits the profile's GEMM efficiency curve (``gemm_efficiency``,
 ``gemm_saturation_gflop``, ``gemm_saturation_exponent``: how much of peak a GEMM of a given size
@@ -12,7 +13,8 @@ reaches) to the records, by least squares of log(predicted / measured), keeping 
 figure of the profile; and, per model, the curve fitted to the other model's rows, scored on its
 own (how well the fit carries to a model it has not seen). The shipped GPU profiles hold the fit.
 
-    python benchmarks/profile_check.py [--profile h100] [--fit] [--json benchmarks/results/profile-check-h100.json]
+    python benchmarks/profile_check.py [--records h100] [--profile h100|FILE.yaml] [--fit]
+                                       [--json benchmarks/results/profile-check-h100.json]
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ from hwnas.pruning.tokens import apply_token_keep
 RESULTS = Path(__file__).parent / "results"
 #: the models are traced on the CPU in fp32; the predictor rescales bytes to the predicted dtype
 TRACED_ITEMSIZE = 4
-#: the token method each impl of tokens-h100.json ran: it was recorded when UCC read every block's attention
-TOKEN_IMPLS = {"hwnas": "ucc-blocks", "tome": "tome"}
+#: the token method each impl of a tokens record ran
+TOKEN_IMPLS = {"hwnas": "ucc", "hwnas-every-block": "ucc-blocks", "tome": "tome"}
+#: ... of a record made before ``hwnas-every-block`` was timed beside it, when UCC read every block's attention
+EARLIER_TOKEN_IMPLS = {"hwnas": "ucc-blocks", "tome": "tome"}
 
 
 @functools.cache
@@ -49,13 +53,13 @@ def dense_model(name: str) -> torch.nn.Module:
 
 
 @functools.cache
-def token_model(name: str, impl: str) -> torch.nn.Module:
-    """``bench tokens``' model ``impl`` at −50 % FLOPs (cuts at its timing blocks)."""
+def token_model(name: str, method: str) -> torch.nn.Module:
+    """``bench tokens``' model cut by token ``method`` at −50 % FLOPs (cuts at its timing blocks), or dense."""
     dense = dense_model(name)
-    if impl == "dense":
+    if method == "dense":
         return dense
     keep, _ = bench_tokens.schedule_for_flops(dense, bench_tokens.TIMING_CUTS, 0.5, (3, 224, 224))
-    return apply_token_keep(copy.deepcopy(dense), keep, TOKEN_IMPLS[impl])
+    return apply_token_keep(copy.deepcopy(dense), keep, method)
 
 
 @functools.cache
@@ -69,22 +73,29 @@ def measured_rows(record: str) -> list[dict]:
     return [r for r in json.loads((RESULTS / record).read_text())["results"] if "median_ms" in r]
 
 
-def traced_rows() -> list[dict]:
-    """Every timed row of the H100 records, with the operators its model runs (traced once, on the CPU)."""
+def traced_rows(device: str, one_launch_kernels: bool = True) -> list[dict]:
+    """Every timed row of ``device``'s records (``tokens-DEVICE.json``, ``models-DEVICE.json``, where present),
+    with the operators its model runs (traced once, on the CPU; ``one_launch_kernels`` for a GPU: ``trace_ops``)."""
     torch.manual_seed(0)
     rows = []
-    for record in ("tokens-h100.json", "models-h100.json"):
-        for row in measured_rows(record):
+    records = [f"{bench}-{device}.json" for bench in ("tokens", "models") if (RESULTS / f"{bench}-{device}.json").is_file()]
+    if not records:
+        raise SystemExit(f"profile_check: no tokens-{device}.json or models-{device}.json under {RESULTS}")
+    for record in records:
+        timed = measured_rows(record)
+        methods = TOKEN_IMPLS if any(r["impl"] == "hwnas-every-block" for r in timed) else EARLIER_TOKEN_IMPLS
+        for row in timed:
             case = row["case"]
             if record.startswith("tokens"):
-                model, group = token_model(case["model"], row["impl"]), case["model"]
+                method = "dense" if row["impl"] == "dense" else methods[row["impl"]]
+                model, group = token_model(case["model"], method), case["model"]
             else:
                 model = block_sparse_model(case["model"], row["impl"], case["block"], case["sparsity"])
                 group = f"{case['model']} {case['sparsity']:.0%} b{case['block']}"
             x = torch.randn(case["batch"], 3, 224, 224)
             rows.append({"record": record, "group": group, "impl": row["impl"], "batch": case["batch"],
                          "dtype": case["dtype"], "measured_ms": row["median_ms"],
-                         "ops": trace_ops(model, x, one_launch_kernels=True)})
+                         "ops": trace_ops(model, x, one_launch_kernels=one_launch_kernels)})
     return rows
 
 
@@ -144,18 +155,21 @@ def fit_report(profile: HardwareProfile, rows: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="h100")
+    parser.add_argument("--records", default="h100", help="whose records: tokens-RECORDS.json, models-RECORDS.json")
+    parser.add_argument("--profile", default="h100", help="a shipped profile's name or a profile YAML")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--fit", action="store_true",
                         help="also fit the profile's GEMM efficiency curve to the records, and score it on each model held out")
     args = parser.parse_args()
     profile = load_profile(args.profile)
-    rows = traced_rows()
+    if args.fit and profile.tables:
+        raise SystemExit(f"profile_check: {args.profile} prices by its measured tables; --fit fits a spec profile's curve")
+    rows = traced_rows(args.records, one_launch_kernels=profile.kind == "cuda")
     result = check(profile, rows)
     if args.fit:
         result["fit"] = fit_report(profile, rows)
     for r in result["rows"]:
-        print(f"{r['group']:36s} {r['impl']:6s} b{r['batch']:<3d} {r['dtype']:8s} measured {r['measured_ms']:6.3f} ms "
+        print(f"{r['group']:36s} {r['impl']:17s} b{r['batch']:<3d} {r['dtype']:8s} measured {r['measured_ms']:6.3f} ms "
               f"predicted {r['predicted_ms']:6.3f} ms ({r['predicted_over_measured']:.2f}x)  speed-up over dense "
               f"measured {r['speedup_measured']:.2f}x predicted {r['speedup_predicted']:.2f}x")
     print(json.dumps(result["summary"]))
