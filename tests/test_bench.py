@@ -36,6 +36,9 @@ def test_bench_runs_without_the_search_stack_and_writes_the_design_format(tmp_pa
     result = subprocess.run([sys.executable, "-m", "hwnas", "bench", "kernels", "--quick", "--json", str(out)],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
+    measures_profile = subprocess.run([sys.executable, "-c", "import hwnas.hwprofiles.measure_profile"], env=env,
+                                      capture_output=True, text=True)  # gpu.sh hwprofile
+    assert measures_profile.returncode == 0, measures_profile.stderr
     record = json.loads(out.read_text())
     assert record["bench"] == "kernels" and record["device"].startswith("cpu") and record["threads"] >= 1
     assert "checkpoints" not in record  # no built-in model is measured by this benchmark
