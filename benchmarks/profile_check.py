@@ -103,8 +103,7 @@ def check(profile: HardwareProfile, rows: list[dict]) -> dict:
     """Each row's predicted latency on ``profile`` beside the measured one, and the speed-ups over dense both ways."""
     priced = []
     for row in rows:
-        predictor = Predictor(profile, row["dtype"])
-        predicted = sum(predictor.op_seconds(op, TRACED_ITEMSIZE) for op in row["ops"]) * 1e3
+        predicted = Predictor(profile, row["dtype"]).seconds(row["ops"], TRACED_ITEMSIZE) * 1e3
         priced.append({**{k: v for k, v in row.items() if k != "ops"}, "predicted_ms": predicted,
                        "predicted_over_measured": predicted / row["measured_ms"]})
     for row in priced:

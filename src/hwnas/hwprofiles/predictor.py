@@ -172,14 +172,17 @@ class Predictor:
     def predict(self, model: nn.Module, x: torch.Tensor) -> dict[str, float]:
         """Predicted latency of the batch ``x`` in ms, and energy per image in mJ where the profile has power
         (``model`` and ``x`` on the CPU; bytes are rescaled from their dtype to the predicted one)."""
-        ops = trace_ops(model, x, one_launch_kernels=self.profile.kind == "cuda")
-        seconds = sum(self.op_seconds(op, x.element_size()) for op in ops)
+        seconds = self.seconds(trace_ops(model, x, one_launch_kernels=self.profile.kind == "cuda"), x.element_size())
         metrics = {"latency_ms_predicted": seconds * 1e3}
         power = self.profile.power_w
         watts = power.get("active", power.get("tdp"))
         if watts:
             metrics["energy_mj_predicted"] = seconds * watts * 1e3 / len(x)
         return metrics
+
+    def seconds(self, ops: list[Op], traced_itemsize: int) -> float:
+        """The predicted time of the operators ``ops`` (traced with tensors of ``traced_itemsize`` bytes), in s."""
+        return sum(self.op_seconds(op, traced_itemsize) for op in ops)
 
     def op_seconds(self, op: Op, traced_itemsize: int) -> float:
         moved = op.bytes * self.itemsize / traced_itemsize
