@@ -37,3 +37,26 @@ def test_on_cuda_a_candidate_is_timed_as_a_cuda_graph_replay_unless_the_space_sa
     assert graphed.timed_call(copy.deepcopy(graphed.model)).__name__ == "replay"  # CUDAGraph.replay, not the model
     # a tiny model at batch 64 is launch-bound: the replay skips Python's per-operator launch overhead
     assert graphed.evaluate(pruned)["latency_ms"] < eager.evaluate(pruned)["latency_ms"]
+
+
+@pytest.mark.parametrize("source, idle_used", [("measured", 80.0), ("spec", None)])
+def test_energy_above_idle_takes_the_idle_power_of_a_profile_measured_here_only(monkeypatch, source, idle_used):
+    """A shipped profile's idle figure was read on another machine: it cannot split this machine's counter."""
+    from hwnas.evaluators import evaluator as evaluator_module
+    from hwnas.hwprofiles.energy import Energy
+    from hwnas.hwprofiles.latency import device_name
+
+    seen = []
+
+    def fake_energy(call, device, idle_w=None, **kwargs):
+        seen.append(idle_w)
+        return Energy(10.0, "fake", 1, 1.0, None if idle_w is None else 5.0)
+
+    monkeypatch.setattr(evaluator_module, "measure_energy", fake_energy)
+    profile = {"name": "here", "device": device_name("cpu"), "kind": "cpu", "source": source,
+               "peak_tflops": {"float32": 1.0}, "memory_bandwidth_gbs": 10.0, "launch_overhead_us": 10.0,
+               "power_w": {"idle": 80.0, "tdp": 100.0}}
+    evaluator = Evaluator(space_from_dict({**SPACE, "measure": {"repeats": 3}}), energy=True, hwprofile=profile)
+    metrics = evaluator.evaluate(evaluator.space.identity())
+    assert seen == [idle_used]
+    assert ("energy_mj_above_idle" in metrics) == (idle_used is not None)

@@ -31,8 +31,8 @@ class Evaluator:
 
     ``evaluate(config)`` returns the metrics of DESIGN.md: ``accuracy`` (when the data has
     labels), ``fidelity_kl``, ``latency_ms`` (median, with ``latency_ms_min``/``_max``),
-    ``flops``, ``params`` and, where a hardware counter exists, ``energy_mj`` (and, when this
-    machine's profile knows its idle power, ``energy_mj_above_idle``). With the measure setting
+    ``flops``, ``params`` and, where a hardware counter exists, ``energy_mj`` (and, when a profile
+    measured on this machine knows its idle power, ``energy_mj_above_idle``). With the measure setting
     ``versus_dense`` each candidate is timed side by side with the dense model (interleaved
     rounds) and ``latency_ms_vs_dense`` is the median of the per-round ratios, which a machine
     whose speed drifts between trials does not move. On CUDA a candidate is captured once into a
@@ -102,7 +102,8 @@ class Evaluator:
             timing = measure(call, self.device, warmup, repeats)
         metrics.update(latency_ms=timing.median_ms, latency_ms_min=timing.min_ms, latency_ms_max=timing.max_ms)
         if self.energy:
-            idle_w = self.profile.power_w.get("idle") if self.profile is not None else None  # measured here
+            measured_here = self.profile is not None and self.profile.source == "measured"  # not a spec's figure
+            idle_w = self.profile.power_w.get("idle") if measured_here else None
             energy = measure_energy(call, self.device, idle_w=idle_w)
             if energy is None:
                 raise HwnasError(f"no energy counter on {device_name(self.device)} (NVML, or RAPL under "
