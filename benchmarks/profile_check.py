@@ -4,8 +4,9 @@
 script predicts, on the CPU, every latency that ``bench tokens`` and ``bench models`` measured on
 a GPU (``--records h100``: ``tokens-h100.json`` and ``models-h100.json``, CUDA-graph replays) and
 writes, per row, the measured and the predicted latency, and per model the speed-up over dense
-both ways: whether the prediction ranks the candidates as the device does. ``--profile`` is a
-shipped profile or a YAML file, such as the one ``benchmarks/gpu.sh hwprofile`` measures on the GPU.
+both ways: whether the prediction ranks the candidates as the device does; and, where a row
+measured energy (NVML), the predicted energy beside it. ``--profile`` is a shipped profile or a
+YAML file, such as the one ``benchmarks/gpu.sh hwprofile`` measures on the GPU.
 
 With ``--fit`` it also fits the profile's GEMM efficiency curve (``gemm_efficiency``,
 ``gemm_saturation_gflop``, ``gemm_saturation_exponent``: how much of peak a GEMM of a given size
@@ -93,8 +94,9 @@ def traced_rows(device: str, one_launch_kernels: bool = True) -> list[dict]:
                 model = block_sparse_model(case["model"], row["impl"], case["block"], case["sparsity"])
                 group = f"{case['model']} {case['sparsity']:.0%} b{case['block']}"
             x = torch.randn(case["batch"], 3, 224, 224)
+            energy = (row.get("metrics") or {}).get("energy_mj")
             rows.append({"record": record, "group": group, "impl": row["impl"], "batch": case["batch"],
-                         "dtype": case["dtype"], "measured_ms": row["median_ms"],
+                         "dtype": case["dtype"], "measured_ms": row["median_ms"], "measured_energy_mj": energy,
                          "ops": trace_ops(model, x, one_launch_kernels=one_launch_kernels)})
     return rows
 
@@ -103,9 +105,13 @@ def check(profile: HardwareProfile, rows: list[dict]) -> dict:
     """Each row's predicted latency on ``profile`` beside the measured one, and the speed-ups over dense both ways."""
     priced = []
     for row in rows:
-        predicted = Predictor(profile, row["dtype"]).seconds(row["ops"], TRACED_ITEMSIZE) * 1e3
+        metrics = Predictor(profile, row["dtype"]).metrics(row["ops"], TRACED_ITEMSIZE, row["batch"])
+        predicted = metrics["latency_ms_predicted"]
         priced.append({**{k: v for k, v in row.items() if k != "ops"}, "predicted_ms": predicted,
                        "predicted_over_measured": predicted / row["measured_ms"]})
+        if row["measured_energy_mj"] and "energy_mj_predicted" in metrics:
+            priced[-1]["predicted_energy_mj"] = metrics["energy_mj_predicted"]
+            priced[-1]["energy_predicted_over_measured"] = metrics["energy_mj_predicted"] / row["measured_energy_mj"]
     for row in priced:
         dense = next(r for r in priced if r["record"] == row["record"] and r["group"] == row["group"]
                      and r["batch"] == row["batch"] and r["impl"] == "dense")
@@ -114,6 +120,7 @@ def check(profile: HardwareProfile, rows: list[dict]) -> dict:
     pruned = [r for r in priced if r["impl"] != "dense"]
     same_side = [r for r in pruned if (r["speedup_measured"] > 1) == (r["speedup_predicted"] > 1)]
     speedup_error = [r["speedup_predicted"] / r["speedup_measured"] for r in pruned]
+    energy_error = [r["energy_predicted_over_measured"] for r in priced if "energy_predicted_over_measured" in r]
     return {"profile": profile.name, "device": profile.device, "source": profile.source,
             "rows": priced,
             "summary": {"median_predicted_over_measured": statistics.median(r["predicted_over_measured"] for r in priced),
@@ -121,7 +128,9 @@ def check(profile: HardwareProfile, rows: list[dict]) -> dict:
                                                           max(r["predicted_over_measured"] for r in priced)],
                         "range_speedup_predicted_over_measured": [min(speedup_error), max(speedup_error)],
                         "pruned_rows": len(pruned),
-                        "pruned_rows_speedup_on_the_measured_side_of_1": len(same_side)}}
+                        "pruned_rows_speedup_on_the_measured_side_of_1": len(same_side),
+                        "range_energy_predicted_over_measured": [min(energy_error), max(energy_error)] if energy_error
+                        else None}}
 
 
 def fitted(profile: HardwareProfile, rows: list[dict]) -> HardwareProfile:

@@ -81,6 +81,20 @@ def test_a_gemm_below_the_saturation_size_reaches_less_of_peak():
     assert large_ms / small_ms == pytest.approx(16 * (small_flops / 1e9) ** 0.5)
 
 
+def test_predicted_power_idles_through_launch_overheads_and_is_at_tdp_in_the_kernels():
+    model = nn.Linear(1024, 1024)
+    x = torch.zeros(512, 1024)
+    with_idle = Predictor(profile_from_dict(spec(power_w={"idle": 50.0, "tdp": 200.0})), "float16")
+    seconds = with_idle.predict(model, x)["latency_ms_predicted"] / 1e3
+    busy = 1 - 5e-6 / seconds  # one operator: its 5 µs launch at idle, the rest at TDP
+    assert with_idle.predict(model, x)["energy_mj_predicted"] == pytest.approx(
+        seconds * (50 + 150 * busy) * 1e3 / 512)
+    assert with_idle.mean_power_w(10e-6, 2) == pytest.approx(50.0)  # nothing but launches: idle
+    active = Predictor(profile_from_dict(spec(power_w={"idle": 50.0, "tdp": 200.0, "active": 120.0})), "float16")
+    assert active.mean_power_w(seconds, 1) == 120.0  # a measured mean power is taken as it is
+    assert Predictor(profile_from_dict(spec(power_w={})), "float16").predict(model, x).keys() == {"latency_ms_predicted"}
+
+
 @pytest.mark.parametrize("kind", ["cuda", "cpu"])
 def test_block_sparse_layers_cost_their_kept_blocks_or_the_faster_dense_path(kind):
     linear = nn.Linear(512, 512)
