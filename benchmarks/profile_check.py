@@ -102,7 +102,8 @@ def traced_rows(device: str, one_launch_kernels: bool = True) -> list[dict]:
 
 
 def check(profile: HardwareProfile, rows: list[dict]) -> dict:
-    """Each row's predicted latency on ``profile`` beside the measured one, and the speed-ups over dense both ways."""
+    """Each row's predicted latency (and energy, where it measured some) on ``profile`` beside the measured one,
+    and the speed-ups over dense both ways."""
     priced = []
     for row in rows:
         metrics = Predictor(profile, row["dtype"]).metrics(row["ops"], TRACED_ITEMSIZE, row["batch"])
