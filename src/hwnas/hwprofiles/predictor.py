@@ -191,11 +191,13 @@ class Predictor:
     def mean_power_w(self, seconds: float, operators: int) -> float | None:
         """The mean power (W) of a run of ``operators`` operators taking ``seconds``, or None where the profile has none."""
         power = self.profile.power_w
-        if "active" not in power and "idle" in power and "tdp" in power:
+        if "active" in power:
+            return power["active"]
+        if "idle" in power and "tdp" in power:
             launches = operators * self.profile.launch_overhead_us * 1e-6
             busy = max(0.0, 1.0 - launches / seconds) if seconds > 0 else 0.0
             return power["idle"] + (power["tdp"] - power["idle"]) * busy
-        return power.get("active", power.get("tdp"))
+        return power.get("tdp")
 
     def op_seconds(self, op: Op, traced_itemsize: int) -> float:
         moved = op.bytes * self.itemsize / traced_itemsize
