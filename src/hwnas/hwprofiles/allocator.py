@@ -2,7 +2,10 @@
 
 By default glibc gives large freed blocks back to the kernel (blocks above its mmap threshold
 are unmapped, a freed heap top above its trim threshold is trimmed), so the next forward writes
-to fresh pages and pays one page fault per 4 KiB. A ViT at batch 8 takes thousands per call, and
+to fresh pages and pays one page fault per 4 KiB. glibc raises both thresholds as it sees large
+blocks freed, but whether and when that settles differs between machines and runs (a 2-block ViT
+took 9,000 faults for three calls and then none on one machine, thousands on every call on
+another). A ViT at batch 8 takes thousands per call, and
 they fall unevenly on whichever model's sequence of tensor sizes the heuristic happens to punish:
 on deit_small at batch 8, −50 % FLOPs, the dense model took about 11,000 faults per forward,
 ToMe 2,400 and UCC 7,000, which made UCC 5.5 % slower than ToMe; with the memory kept, each took
