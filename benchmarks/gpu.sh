@@ -36,7 +36,7 @@ fi
 
 # the tests of the Triton kernels and the token methods that use them: on CUDA they run the kernels there
 kernel_tests=(tests/test_block_sparse.py tests/test_class_attention.py tests/test_descending_order.py
-              tests/test_gather_scatter.py tests/test_tokens.py)
+              tests/test_gather_scatter.py tests/test_tokens.py tests/test_compile.py)
 
 status=0
 benches=("$@")

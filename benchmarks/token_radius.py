@@ -12,9 +12,13 @@ cached weights) and prints, per point and method, the sum over seeds of each mod
 schedule and over all schedules. Writes every count to OUT (default
 benchmarks/results/token-radius-cpu.json).
 """
+
+import math
+
 from torch import Tensor
 
-from hwnas.pruning.token_methods import LOW_PASS_RADIUS, TokenState, TomeMethod, UccMethod, spectral_energy
+from hwnas.pruning.token_methods import (LOW_PASS_RADIUS, TokenState, TomeMethod, UccMethod, low_pass_basis,
+                                         spectral_energy)
 from token_seeds import compare_on_seeds
 
 RADII = (0.0, LOW_PASS_RADIUS, 0.375, 0.5)
@@ -28,7 +32,8 @@ class RadiusUcc(UccMethod):
         self.radius = radius
 
     def spectral_score(self, state: TokenState) -> Tensor:
-        return spectral_energy(state.patches, state.grid, self.radius)
+        side = math.isqrt(state.low_pass.shape[0])  # the digits DeiT's grid is square (4×4)
+        return spectral_energy(state.patches, low_pass_basis(side, side, self.radius))
 
 
 #: (impl, radius or None) -> the token method

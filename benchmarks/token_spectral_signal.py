@@ -22,7 +22,7 @@ class KeysSpectralUcc(UccMethod):
     """UCC whose spectral score filters the attention keys of the block before the first cut, not the features."""
 
     def spectral_score(self, state: TokenState) -> Tensor:
-        return spectral_energy(state.keys, state.grid)
+        return spectral_energy(state.keys, state.low_pass)
 
 
 #: (impl, "signal β") -> the token method

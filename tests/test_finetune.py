@@ -10,8 +10,8 @@ import torch
 from hwnas.errors import HwnasError
 from hwnas.export.finetune import ClassTokens, distillation_loss, finetune_export
 from hwnas.kernels.block_sparse import BlockSparseLinear
+from hwnas.kernels.class_attention import _scaled_identity
 from hwnas.pruning.block_layers import forced_impl
-from hwnas.pruning.token_methods import low_pass_basis
 from hwnas.pruning.tokens import apply_token_keep
 
 
@@ -42,7 +42,7 @@ def test_class_tokens_line_up_between_a_pruned_student_and_its_teacher(vit):
 
 def test_gradients_flow_through_the_pruned_blocks(vit):
     student = apply_token_keep(copy.deepcopy(vit), {2: 0.5, 4: 0.25}, "ucc")
-    low_pass_basis.cache_clear()
+    _scaled_identity.cache_clear()
     with torch.inference_mode():  # an evaluation first (as search does) must not poison cached tensors
         student(torch.randn(2, 3, 32, 32))
     student.train()(torch.randn(2, 3, 32, 32)).sum().backward()

@@ -20,7 +20,6 @@ from hwnas.hwprofiles.predictor import Predictor, op_table, trace_ops
 from hwnas.hwprofiles.profile import CostPoint, load_profile, profile_from_dict, shipped_profiles, write_profile
 from hwnas.kernels.block_sparse import BlockSparseLinear
 from hwnas.kernels.class_attention import _scaled_identity
-from hwnas.pruning.token_methods import low_pass_basis
 from hwnas.pruning.tokens import apply_token_keep
 
 SEARCH = [sys.executable, "-m", "hwnas"]
@@ -114,7 +113,7 @@ def test_block_sparse_layers_cost_their_kept_blocks_or_the_faster_dense_path(kin
 @pytest.fixture(scope="module")
 def ucc_vit() -> nn.Module:
     """A 16-patch ViT whose UCC cut at block 1 runs every token kernel (gather, fused scatter-add, mixed ranking,
-    class attention) and its cached spectral basis."""
+    class attention) and the spectral projection."""
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=3,
                               num_classes=4).eval()
     return apply_token_keep(model, {1: 0.5}, "ucc")
@@ -138,13 +137,12 @@ def test_a_gpu_trace_counts_each_token_kernel_as_one_launch(ucc_vit):
 
 @pytest.mark.parametrize("kind", ["cuda", "cpu"])
 def test_a_prediction_does_not_price_work_done_once_and_cached(ucc_vit, kind):
-    """The spectral basis (and the CPU class attention's scaled identity) are built on the first call only."""
+    """The CPU class attention's scaled identity is built on the first call only."""
     predictor = Predictor(profile_from_dict(spec(kind=kind)), "float32")
     x = torch.zeros(2, 3, 32, 32)
-    low_pass_basis.cache_clear()
     _scaled_identity.cache_clear()
     first = predictor.predict(ucc_vit, x)
-    assert low_pass_basis.cache_info().currsize == 1  # built inside the trace
+    assert _scaled_identity.cache_info().currsize == 1  # built inside the trace
     assert predictor.predict(ucc_vit, x) == first
 
 

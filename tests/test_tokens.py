@@ -85,7 +85,7 @@ def test_proportional_attention_equals_duplicated_tokens(vit):
 
 def _state(patches, **fields):
     cls = torch.zeros(patches.shape[0], 1, patches.shape[2])
-    return TokenState(x=torch.cat([cls, patches], 1), prefix=1, grid=(2, 2), **fields)
+    return TokenState(x=torch.cat([cls, patches], 1), prefix=1, low_pass=low_pass_basis(2, 2), **fields)
 
 
 def test_ucc_keeps_the_best_scored_tokens_and_fuses_the_rest_into_the_most_similar():
@@ -114,11 +114,11 @@ def test_ucc_reduce_matches_a_token_by_token_reference(sized):
     size = torch.randint(1, 4, (batch, count), generator=generator).float() if sized else None
     spectral = torch.rand(batch, count, generator=generator) if sized else None
     state = replace(_state(patches, attention_sum=history, keys=keys, size=size, spectral=spectral),
-                    grid=(3, 3))
+                    low_pass=low_pass_basis(3, 3))
     method = UccMethod(spectral_weight=0.3)
     out = method.reduce(state, keep)
     if spectral is None:  # the first cut measures it
-        spectral = spectral_energy(patches, (3, 3))
+        spectral = spectral_energy(patches, low_pass_basis(3, 3))
     score = 0.7 * history / history.sum(1, keepdim=True) + 0.3 * spectral / spectral.sum(1, keepdim=True)
     size = torch.ones(batch, count) if size is None else size
     for b in range(batch):
@@ -143,10 +143,10 @@ def test_ucc_measures_the_spectral_energy_once(monkeypatch):
     torch.manual_seed(0)
     patches = torch.randn(1, 16, 4)
     state = replace(_state(patches, attention_sum=torch.rand(1, 16), keys=torch.randn(1, 16, 3)),
-                    grid=(4, 4))
+                    low_pass=low_pass_basis(4, 4))
     method = UccMethod()
     first = method.reduce(state, keep=8)
-    assert torch.allclose(first.spectral.sum(), spectral_energy(patches, (4, 4)).sum())  # nothing is lost by fusing
+    assert torch.allclose(first.spectral.sum(), spectral_energy(patches, low_pass_basis(4, 4)).sum())  # nothing is lost by fusing
 
     def measure_again(*args):
         raise AssertionError("measured again after the first cut")
@@ -216,10 +216,10 @@ def test_ucc_history_must_be_known():
 
 def test_spectral_energy_is_high_on_edges_and_zero_on_flat_regions():
     flat = torch.ones(1, 16, 3)
-    assert torch.allclose(spectral_energy(flat, (4, 4)), torch.zeros(1, 16), atol=1e-6)  # fp32 rounding of ||x||² = 3
+    assert torch.allclose(spectral_energy(flat, low_pass_basis(4, 4)), torch.zeros(1, 16), atol=1e-6)  # fp32 rounding of ||x||² = 3
     edge = flat.clone()
     edge[0, 5] = 5.0  # one bright patch in the middle of the grid
-    energy = spectral_energy(edge, (4, 4))[0]
+    energy = spectral_energy(edge, low_pass_basis(4, 4))[0]
     assert energy.argmax() == 5 and energy[15] < energy[5] / 4
 
 
@@ -228,9 +228,9 @@ def test_spectral_energy_is_the_high_pass_residual_per_patch():
     grid = torch.randn(2, 12, 5, dtype=torch.float64)
     basis = low_pass_basis(3, 4).double()
     expected = (grid - basis @ (basis.T @ grid)).pow(2).sum(-1)
-    assert torch.allclose(spectral_energy(grid, (3, 4)).double(), expected, rtol=1e-4)
-    with pytest.raises(ValueError, match="one token per patch of the 3x4 grid, got 7"):
-        spectral_energy(grid[:, :7], (3, 4))
+    assert torch.allclose(spectral_energy(grid, low_pass_basis(3, 4)).double(), expected, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"one token per patch of the grid \(12\), got 7"):
+        spectral_energy(grid[:, :7], low_pass_basis(3, 4))
 
 
 @pytest.mark.parametrize("radius", [LOW_PASS_RADIUS, 0.0, 0.375])
@@ -243,7 +243,7 @@ def test_low_pass_basis_gives_the_fft_high_pass(height, width, radius):
     expected = torch.fft.ifft2(torch.fft.fft2(grid, dim=(1, 2)) * keep, dim=(1, 2)).real
     signal = grid.reshape(2, -1, 6).float()
     basis = low_pass_basis(height, width, radius=radius)
-    torch.testing.assert_close(spectral_energy(signal, (height, width), radius),
+    torch.testing.assert_close(spectral_energy(signal, basis),
                                expected.reshape(2, -1, 6).float().pow(2).sum(-1), atol=1e-4, rtol=1e-4)
     assert torch.allclose(basis.T @ basis, torch.eye(basis.shape[1]), atol=1e-5)  # orthonormal
     actual = signal - basis @ (basis.T @ signal)
@@ -296,8 +296,8 @@ def _state_before_a_cut() -> TokenState:
     torch.manual_seed(0)
     patches, keys = torch.randn(2, 16, 8), torch.randn(2, 16, 4)
     attention = torch.rand(2, 16)
-    return TokenState(x=torch.cat([torch.zeros(2, 1, 8), patches], 1), prefix=1, grid=(4, 4), attention=attention,
-                      attention_sum=attention, keys=keys)
+    return TokenState(x=torch.cat([torch.zeros(2, 1, 8), patches], 1), prefix=1, low_pass=low_pass_basis(4, 4),
+                      attention=attention, attention_sum=attention, keys=keys)
 
 
 @pytest.mark.parametrize("method", ["ucc", "tome"])
@@ -382,8 +382,8 @@ def test_ucc_cascade_on_the_kernels_matches_torch(vit):
 def test_spectral_energy_in_half_precision_on_cuda():
     """On CUDA the residual is taken in the tokens' fp16; the fp32 energy stays close to the fp32 one."""
     patches = torch.randn(4, 196, 384)
-    expected = spectral_energy(patches, (14, 14))
-    got = spectral_energy(patches.cuda().half(), (14, 14))
+    expected = spectral_energy(patches, low_pass_basis(14, 14))
+    got = spectral_energy(patches.cuda().half(), low_pass_basis(14, 14).cuda().half())
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.cpu(), expected, rtol=2e-2, atol=1e-2)
 

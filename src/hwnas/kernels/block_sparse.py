@@ -19,7 +19,8 @@ implementation (``IMPLS``) that ``calibrate`` measured fastest for this layer on
 * ``torch_bsr`` (CPU): PyTorch's BSR tensor times the transposed input.
 
 A sparse path replaces ``dense`` only when it is measurably faster, so a calibrated layer is
-never slower than the dense one. Measured on 2 cores (fp32, DeiT-B shapes, 197 to 12608 tokens)
+never slower than the dense one. Under torch.compile the CPU's sparse paths run ``dense`` (the
+compiler cannot trace their operands) and the dense weight is built in the graph. Measured on 2 cores (fp32, DeiT-B shapes, 197 to 12608 tokens)
 no CPU path wins everywhere: dense mostly wins at 50% sparsity, and which sparse path is ahead
 at 75-90% changes with the shape, the token count and the block size. On an H100 (fp16, batch
 64, ``benchmarks/results/kernels-h100.json``) the kernel ran at 0.56-0.64x of cuBLAS at 50% with
@@ -48,6 +49,8 @@ except ImportError:  # triton ships for Linux x86-64 only
 
 #: the implementations ``calibrate`` times, per device type; the first is what runs before calibration
 IMPLS: dict[str, tuple[str, ...]] = {"cpu": ("dense", "gather", "torch_bsr"), "cuda": ("triton", "dense")}
+#: the paths whose operands (per-row lists, a sparse tensor) torch.compile cannot trace: compiled, they run ``dense``
+HOST_OPERAND_IMPLS = ("gather", "torch_bsr")
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -99,7 +102,8 @@ class BsrWeight:
     def block_rows(self) -> Tensor:
         """Block-row of each kept block, ``[nnz]`` int64."""
         counts = self.row_offsets.diff().long()
-        return torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+        return torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts,
+                                       output_size=len(self.col_indices))  # a static size: traceable
 
     def block_mask(self) -> Tensor:
         """Bool ``[out/b, in/b]``, True where a block is kept."""
@@ -278,7 +282,10 @@ class BlockSparseLinear(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.forward_with(x, self.impl.get(x.device.type, "dense"))
+        impl = self.impl.get(x.device.type, "dense")
+        if torch.compiler.is_compiling() and impl in HOST_OPERAND_IMPLS:
+            impl = "dense"
+        return self.forward_with(x, impl)
 
     def forward_with(self, x: Tensor, impl: str) -> Tensor:
         """The output of implementation ``impl`` (``triton`` also runs CPU tensors under ``TRITON_INTERPRET=1``)."""
@@ -337,7 +344,12 @@ class BlockSparseLinear(nn.Module):
         return y if self.bias is None else y.add_(self.bias)
 
     def _prepared(self, impl: str):
-        """The operand ``impl`` runs on, built once per state of the buffers (device, dtype, values)."""
+        """The operand ``impl`` runs on, built once per state of the buffers (device, dtype, values).
+
+        Under torch.compile, which cannot trace that cache, it is built in the graph (inductor's
+        ``freezing`` folds it into a constant)."""
+        if torch.compiler.is_compiling():
+            return _BUILDERS[impl](self.weight)
         blocks = self.blocks
         key = (blocks.data_ptr(), 0 if blocks.is_inference() else blocks._version, blocks.dtype, blocks.device)
         cached = self._cache.get(impl)

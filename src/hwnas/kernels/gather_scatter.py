@@ -17,8 +17,10 @@ Triton kernels are inference-only: each program copies BLOCK_R rows × BLOCK_C c
 tails, any C, fp32/fp16/bf16). ``use_triton=None`` runs Triton on CUDA tensors unless autograd
 would record the call (grad enabled and an input requires grad); ``True`` forces it (e.g. on CPU
 tensors under ``TRITON_INTERPRET=1``, raising where it cannot run), ``False`` forces torch.
-Out-of-range indices raise on the torch path; the kernels never touch memory outside ``x`` for
-them (gather reads zeros, scatters skip the row).
+Out-of-range indices raise on the torch path (outside torch.compile, whose graphs skip the
+host-side check); the kernels never touch memory outside ``x`` for them (gather reads zeros,
+scatters skip the row). Under torch.compile the torch path runs, and the compiler fuses it into
+kernels of its own.
 """
 
 from __future__ import annotations
@@ -113,6 +115,8 @@ def _triton_problem(x: Tensor, autograd: bool) -> str | None:
         return f"the Triton kernels take {', '.join(map(str, TRITON_DTYPES))}, not {x.dtype}"
     if autograd:
         return "the Triton kernels do not support autograd: use the torch path for training"
+    if torch.compiler.is_compiling():
+        return "under torch.compile the torch path runs: the compiler makes its own kernels of it"
     return None
 
 
@@ -131,7 +135,13 @@ def _launch(kernel, x: Tensor, rows: Tensor, *tensors: Tensor, **constexprs: boo
 
 def _rows_are_contiguous(x: Tensor) -> bool:
     """Whether every row ``x[b, l]`` is contiguous and the images lie, without overlapping, a whole number
-    of rows apart (a row slice ``x[:, a:b]`` of a contiguous tensor does; an expanded batch does not)."""
+    of rows apart (a row slice ``x[:, a:b]`` of a contiguous tensor does; an expanded batch does not).
+
+    Never under torch.compile: the strides seen while tracing need not be those of the compiled
+    program's buffers, so ``as_strided`` over them could read other memory (and a write through it
+    cannot be compiled at all)."""
+    if torch.compiler.is_compiling():
+        return False
     batch, length, channels = x.shape
     apart = x.stride(0) % max(channels, 1) == 0 and (batch == 1 or x.stride(0) >= length * channels)
     return x.stride(2) == 1 and x.stride(1) == channels and apart and x.numel() > 0
@@ -150,7 +160,7 @@ def _row_table(x: Tensor) -> tuple[Tensor, int]:
 
 def _table_index(rows: Tensor, step: int, length: int) -> Tensor:
     """``rows [B, R]`` as int64 indices ``[B·R]`` into a row table of ``step`` rows per image; raises if out of range."""
-    if rows.numel():
+    if rows.numel() and not torch.compiler.is_compiling():  # a host check: compiled graphs trust their indices
         low, high = (int(bound) for bound in torch.aminmax(rows))
         if low < 0 or high >= length:
             raise IndexError(f"rows must lie in [0, {length}), got values in [{low}, {high}]")

@@ -6,7 +6,7 @@ every operator it sees. Two kinds of work would mislead it:
 * ``one_launch``: a function that runs as one Triton kernel on CUDA, where its CPU path runs
   several torch operators (index checks, copies, a softmax). A trace pricing a GPU sees it as
   one operator; a trace pricing the CPU sees the operators the CPU runs.
-* ``setup_work``: work done once and cached (e.g. a basis built on the first call), which a
+* ``setup_work``: work done once and cached (e.g. a constant tensor built on the first call), which a
   forward pass that finds it cached does not run: no trace sees it.
 
 A trace enters ``traced_by(tracer)``; while it is active each marked call is handed to it

@@ -109,7 +109,9 @@ DEFAULT_HISTORY = "cuts"
 class TokenState:
     """The tokens between two blocks and what the blocks so far observed about the patch tokens.
 
-    ``x [B, T, C]`` holds ``prefix`` tokens then ``T - prefix`` patch tokens. The others describe
+    ``x [B, T, C]`` holds ``prefix`` tokens then ``T - prefix`` patch tokens. ``low_pass [P, r]`` is the
+    low-pass basis of the model's patch grid (``low_pass_basis``; None where the method scores no
+    spectral energy), a constant of the model that it carries as a buffer. The others describe
     the patch tokens only: ``size [B, N]`` how many patches each stands for (None: all 1),
     ``attention [B, N]`` the class token's attention in the last observed block,
     ``attention_sum`` its sum over the observed blocks (a running sum that the next observed block
@@ -120,7 +122,7 @@ class TokenState:
 
     x: Tensor
     prefix: int
-    grid: tuple[int, int]
+    low_pass: Tensor | None = None
     size: Tensor | None = None
     attention: Tensor | None = None
     attention_sum: Tensor | None = None
@@ -142,6 +144,7 @@ class TokenMethod:
     needs_attention = False      # the class token's attention in the block before a cut
     needs_keys = False           # the attention keys in the block before a cut
     accumulates = False          # observe every block from the first, not only the one before each cut
+    needs_low_pass = False       # the low-pass basis of the patch grid (spectral scores)
     proportional = False         # later blocks add log(size) to the attention logits
 
     def __init__(self, use_triton: bool | None = None):
@@ -180,6 +183,10 @@ class UccMethod(TokenMethod):
         return self.history == "blocks"
 
     @property
+    def needs_low_pass(self) -> bool:
+        return self.spectral_weight > 0.0
+
+    @property
     def cumulative(self) -> bool:
         """Whether a cut ranks by the sum over earlier observations (kept and inherited through fusion)."""
         return self.history != "last"
@@ -205,7 +212,7 @@ class UccMethod(TokenMethod):
     def spectral_score(self, state: TokenState) -> Tensor:
         """Each patch token's high-frequency energy [B, N], taken at the first cut (the tokens are the grid's patches)
         from the token features; later cuts carry it through fusion."""
-        return spectral_energy(state.patches, state.grid)
+        return spectral_energy(state.patches, state.low_pass)
 
     def similarity_metric(self, state: TokenState) -> Tensor:
         """The unit vectors [B, N, D] whose dot products say which kept token a pruned one is most like: the keys."""
@@ -297,34 +304,33 @@ def token_method(name: str, **options) -> TokenMethod:
         raise HwnasError(f"unknown token method '{name}' (known: {', '.join(TOKEN_METHODS)})") from None
 
 
-def spectral_energy(patches: Tensor, grid: tuple[int, int], radius: float = LOW_PASS_RADIUS) -> Tensor:
-    """Per patch token [B, P] (token p is patch p of ``grid``), the energy of its high-pass residual (fp32).
+def spectral_energy(patches: Tensor, low_pass: Tensor) -> Tensor:
+    """Per patch token [B, P] (token p is patch p of the grid), the energy of its high-pass residual (fp32).
 
-    With U the low-pass basis [P, r] (``low_pass_basis``) the grid signal x has the residual
-    x - U (Uᵀ x): two thin matmuls, the second fused with the subtraction. They run in fp32 on the
-    CPU and in the tokens' own precision on CUDA (fp16/bf16 on the tensor cores; in fp32 the second
-    product alone took 52 µs of deit_base's forward at batch 64 on an H100); the energy is summed
-    in fp32.
+    With U = ``low_pass`` [P, r], the low-pass basis of the grid (``low_pass_basis``), the grid signal
+    x has the residual x - U (Uᵀ x): two thin matmuls, the second fused with the subtraction. They
+    run in fp32 on the CPU and in the tokens' own precision on CUDA (fp16/bf16 on the tensor cores;
+    in fp32 the second product alone took 52 µs of deit_base's forward at batch 64 on an H100); the
+    energy is summed in fp32.
     """
     x = patches if patches.is_cuda else patches.float()
-    basis = low_pass_basis(*grid, str(x.device), x.dtype, radius)  # U [P, r]
+    basis = low_pass.to(x.dtype)
     if x.shape[1] != basis.shape[0]:
-        raise ValueError(f"spectral_energy needs one token per patch of the {grid[0]}x{grid[1]} grid, got {x.shape[1]}")
+        raise ValueError(f"spectral_energy needs one token per patch of the grid ({basis.shape[0]}), got {x.shape[1]}")
     residual = torch.baddbmm(x, basis.expand(len(x), -1, -1), basis.T @ x, alpha=-1)
     return torch.linalg.vector_norm(residual, dim=-1, dtype=torch.float32).square()
 
 
 @functools.lru_cache(maxsize=16)
-@setup_work
-def low_pass_basis(height: int, width: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                   radius: float = LOW_PASS_RADIUS) -> Tensor:
+def low_pass_basis(height: int, width: int, radius: float = LOW_PASS_RADIUS) -> Tensor:
     """An orthonormal basis [P, r] (P = H·W) of the grid signals that have only low frequencies.
 
     The low-pass filter (2-D FFT, keep the frequencies of radius ≤ ``radius`` cycles/patch,
     inverse FFT) is an orthogonal projection, so the high-pass residual of a grid
     signal x is ``x - U Uᵀ x``: two thin matmuls (r = 37 of P = 196 on a 14×14 grid) instead of the
     dense [P, P] filter or two FFTs, which on small grids are mostly launch and copy overhead.
-    Built once per grid by filtering every unit impulse.
+    Built once per grid by filtering every unit impulse, in fp32 on the CPU: a model holds it as a
+    buffer (``TokenKeepBlocks.low_pass``), which moves with the model.
     """
     positions = height * width
     with torch.inference_mode(False), torch.no_grad():  # cached: usable in and out of inference mode
@@ -334,7 +340,7 @@ def low_pass_basis(height: int, width: int, device: str = "cpu", dtype: torch.dt
         keep = ((fy ** 2 + fx ** 2).sqrt() <= radius).to(torch.float64)
         low_pass = torch.fft.irfft2(torch.fft.rfft2(impulses) * keep, s=(height, width)).reshape(positions, positions)
         eigenvalues, eigenvectors = torch.linalg.eigh((low_pass + low_pass.T) / 2)  # eigenvalues are 0 or 1
-        return eigenvectors[:, eigenvalues > 0.5].contiguous().to(device, dtype)
+        return eigenvectors[:, eigenvalues > 0.5].contiguous().float()
 
 
 def _carried_through_cut(state: TokenState, order: Tensor, keep: int, target: Tensor

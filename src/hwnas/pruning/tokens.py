@@ -19,13 +19,15 @@ from torch import nn
 
 from hwnas.errors import HwnasError
 from hwnas.kernels.class_attention import class_attention
-from hwnas.pruning.token_methods import DEFAULT_TOKEN_METHOD, TokenMethod, TokenState, token_method
+from hwnas.pruning.token_methods import DEFAULT_TOKEN_METHOD, TokenMethod, TokenState, low_pass_basis, token_method
 
 
 class TokenKeepBlocks(nn.Sequential):
     """Drop-in replacement for ``VisionTransformer.blocks`` that cuts tokens between blocks.
 
-    The children are the original timm blocks, so the state-dict keys stay those of timm.
+    The children are the original timm blocks, so the state-dict keys stay those of timm. A method that
+    scores spectral energy finds the grid's low-pass basis in the buffer ``low_pass`` (not saved: rebuilt
+    from the grid), so it follows the model's device and dtype and is a constant under torch.compile.
     """
 
     def __init__(self, blocks: Sequence[nn.Module], keep_tokens: Sequence[int | None], num_prefix_tokens: int,
@@ -34,6 +36,8 @@ class TokenKeepBlocks(nn.Sequential):
         self.num_prefix_tokens = num_prefix_tokens
         self.grid = tuple(grid)
         self.method = method
+        self.register_buffer("low_pass", low_pass_basis(*self.grid).clone() if method.needs_low_pass else None,
+                             persistent=False)
         # where the token count actually drops
         self.prune_to: list[int | None] = []
         current = None
@@ -53,7 +57,7 @@ class TokenKeepBlocks(nn.Sequential):
         self.size_bias = [method.proportional and i >= cuts[0] for i in range(len(self.prune_to))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        state = TokenState(x=x, prefix=self.num_prefix_tokens, grid=self.grid)
+        state = TokenState(x=x, prefix=self.num_prefix_tokens, low_pass=self.low_pass)
         log_size = None  # the proportional-attention bias from the first cut on: the sizes change at the cuts only
         for block, keep, observes, returns_keys, size_bias in zip(self, self.prune_to, self.observes, self.returns_keys,
                                                                   self.size_bias):
