@@ -1,4 +1,4 @@
-"""``bench tokens``' latency cases, eager and under torch.compile, side by side: what compiling does to UCC against ToMe.
+"""``bench tokens``' latency cases eager and under torch.compile, side by side: what compiling does to UCC vs ToMe.
 
     PYTHONPATH=src python3 benchmarks/token_compile.py [--device cpu] [--json OUT.json] [--quick]
 

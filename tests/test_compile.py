@@ -1,12 +1,14 @@
-"""torch.compile takes a pruned model whole: token cuts and block-sparse layers compile and match eager."""
+"""torch.compile takes a pruned model whole: token cuts, window pruning and block-sparse layers, matching eager."""
 
 import pytest
 import timm
 import torch
 from torch import nn
 
+from hwnas.models.digits import build_digits_arch
 from hwnas.pruning.block_layers import to_block_sparse_layers
 from hwnas.pruning.tokens import apply_token_keep
+from hwnas.pruning.windows import apply_window_ratios
 
 #: the token methods a compiled model traces in one graph (``random`` draws its rows outside the graph)
 ONE_GRAPH_METHODS = ("ucc", "tome", "evit")
@@ -22,10 +24,7 @@ def pruned_vit(method: str) -> nn.Module:
     return to_block_sparse_layers(model, masks, block=16)
 
 
-@pytest.mark.parametrize("method", ONE_GRAPH_METHODS)
-def test_a_compiled_pruned_model_is_one_graph_and_matches_eager(method):
-    model = pruned_vit(method)
-    x = torch.randn(2, 3, 32, 32)
+def assert_one_graph_matching_eager(model: nn.Module, x: torch.Tensor) -> None:
     torch._dynamo.reset()
     with torch.inference_mode():  # how a deployed model runs; it failed to compile, or compiled wrong, here
         expected = model(x)
@@ -33,6 +32,16 @@ def test_a_compiled_pruned_model_is_one_graph_and_matches_eager(method):
         got = torch.compile(model)(x)
     assert explanation.graph_count == 1, [reason.reason for reason in explanation.break_reasons]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ONE_GRAPH_METHODS)
+def test_a_compiled_pruned_vit_is_one_graph_and_matches_eager(method):
+    assert_one_graph_matching_eager(pruned_vit(method), torch.randn(2, 3, 32, 32))
+
+
+def test_a_compiled_window_pruned_swin_is_one_graph_and_matches_eager():
+    model = apply_window_ratios(build_digits_arch("digits-swin").eval(), {0: 0.5, 1: 0.5, 2: 0.25, 3: 0.25})
+    assert_one_graph_matching_eager(model, torch.randn(2, 1, 32, 32))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
