@@ -5,15 +5,14 @@ are unmapped, a freed heap top above its trim threshold is trimmed), so the next
 to fresh pages and pays one page fault per 4 KiB. glibc raises both thresholds as it sees large
 blocks freed, but whether and when that settles differs between machines and runs (a 2-block ViT
 took 9,000 faults for three calls and then none on one machine, thousands on every call on
-another). A ViT at batch 8 takes thousands per call, and
-they fall unevenly on whichever model's sequence of tensor sizes the heuristic happens to punish:
-on deit_small at batch 8, −50 % FLOPs, the dense model took about 11,000 faults per forward,
-ToMe 2,400 and UCC 7,000, which made UCC 5.5 % slower than ToMe; with the memory kept, each took
-none, and the gap was 1.7 %. ``keep_freed_memory`` raises both thresholds through ``mallopt``:
-blocks up to 32 MiB (glibc's largest mmap threshold) come from the heap, and the heap is never
-trimmed. jemalloc and tcmalloc, the allocators usually preloaded for CPU inference, behave the
-same way by design. The setting is process-wide, and benchmark records and study info name it
-(``allocator_setting``).
+another). A ViT at batch 8 takes thousands per call, and they fall unevenly on whichever model's
+sequence of tensor sizes the heuristic happens to punish: on deit_small at batch 8, −50 % FLOPs,
+the dense model took about 11,000 faults per forward, ToMe 2,400 and UCC 7,000, which made UCC
+5.5 % slower than ToMe; with the memory kept, each took none, and the gap was 1.7 %.
+``keep_freed_memory`` raises both thresholds through ``mallopt``: blocks up to 32 MiB (glibc's
+largest mmap threshold) come from the heap, and the heap is never trimmed. jemalloc and
+tcmalloc, the allocators usually preloaded for CPU inference, behave the same way by design. The
+setting is process-wide, and benchmark records and study info name it (``allocator_setting``).
 """
 
 from __future__ import annotations

@@ -19,12 +19,14 @@ implementation (``IMPLS``) that ``calibrate`` measured fastest for this layer on
 * ``torch_bsr`` (CPU): PyTorch's BSR tensor times the transposed input.
 
 A sparse path replaces ``dense`` only when it is measurably faster, so a calibrated layer is
-never slower than the dense one. Under torch.compile the CPU's sparse paths run ``dense`` (the
-compiler cannot trace their operands) and the dense weight is built in the graph. Measured on 2 cores (fp32, DeiT-B shapes, 197 to 12608 tokens)
+never slower than the dense one. Measured on 2 cores (fp32, DeiT-B shapes, 197 to 12608 tokens)
 no CPU path wins everywhere: dense mostly wins at 50% sparsity, and which sparse path is ahead
 at 75-90% changes with the shape, the token count and the block size. On an H100 (fp16, batch
 64, ``benchmarks/results/kernels-h100.json``) the kernel ran at 0.56-0.64x of cuBLAS at 50% with
 32×32 blocks and at 1.23-2.14x at 75-90% with 64×64 blocks: there too the choice is per layer.
+
+Under torch.compile the CPU's sparse paths run ``dense`` (the compiler cannot trace their
+operands) and the dense weight is built in the graph.
 """
 
 from __future__ import annotations

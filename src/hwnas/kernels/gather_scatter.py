@@ -159,8 +159,9 @@ def _row_table(x: Tensor) -> tuple[Tensor, int]:
 
 
 def _table_index(rows: Tensor, step: int, length: int) -> Tensor:
-    """``rows [B, R]`` as int64 indices ``[B·R]`` into a row table of ``step`` rows per image; raises if out of range."""
-    if rows.numel() and not torch.compiler.is_compiling():  # a host check: compiled graphs trust their indices
+    """``rows [B, R]`` as int64 indices ``[B·R]`` into a row table of ``step`` rows per image; raises if out of range
+    (a host-side check, which a compiled graph skips)."""
+    if rows.numel() and not torch.compiler.is_compiling():
         low, high = (int(bound) for bound in torch.aminmax(rows))
         if low < 0 or high >= length:
             raise IndexError(f"rows must lie in [0, {length}), got values in [{low}, {high}]")

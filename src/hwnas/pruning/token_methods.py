@@ -111,7 +111,7 @@ class TokenState:
 
     ``x [B, T, C]`` holds ``prefix`` tokens then ``T - prefix`` patch tokens. ``low_pass [P, r]`` is the
     low-pass basis of the model's patch grid (``low_pass_basis``; None where the method scores no
-    spectral energy), a constant of the model that it carries as a buffer. The others describe
+    spectral energy), a constant that ``TokenKeepBlocks`` holds as a buffer. The others describe
     the patch tokens only: ``size [B, N]`` how many patches each stands for (None: all 1),
     ``attention [B, N]`` the class token's attention in the last observed block,
     ``attention_sum`` its sum over the observed blocks (a running sum that the next observed block

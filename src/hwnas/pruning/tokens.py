@@ -34,9 +34,8 @@ class TokenKeepBlocks(nn.Sequential):
                  grid: tuple[int, int], method: TokenMethod):
         super().__init__(*blocks)
         self.num_prefix_tokens = num_prefix_tokens
-        self.grid = tuple(grid)
         self.method = method
-        self.register_buffer("low_pass", low_pass_basis(*self.grid).clone() if method.needs_low_pass else None,
+        self.register_buffer("low_pass", low_pass_basis(*grid).clone() if method.needs_low_pass else None,
                              persistent=False)
         # where the token count actually drops
         self.prune_to: list[int | None] = []
