@@ -42,9 +42,9 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for dense, keep, x, case in latency_cases(torch.device("cpu")):
-        torch._dynamo.reset()  # each case compiles its own models, within dynamo's cache limit
         models = {impl: apply_token_keep(copy.deepcopy(dense), keep, method) for impl, method in METHODS.items()}
         if args.compile:
+            torch._dynamo.reset()  # each case compiles its own models, within dynamo's cache limit
             models = {impl: torch.compile(model, dynamic=False) for impl, model in models.items()}
             case = {**case, "compiled": True}
         calls = {impl: functools.partial(model, x) for impl, model in models.items()}
